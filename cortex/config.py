@@ -1,0 +1,113 @@
+"""Settings: every value is an environment variable `CORTEX_*` (also read from `.env`).
+
+`Settings()` is built once in `cli.main()` and passed down; tests build their own.
+The seed design's names `LLM_DEFAULT_MODEL`, `LLM_USE_MOCK` and `LLM_TIMEOUT` are accepted as
+aliases so that deployments written against it keep working.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MOCK_MODEL = "mock"
+"""The built-in model: deterministic, no key, no network, same streaming path as real ones."""
+
+# Which default model to pick when a provider key is present but no model is named.
+_KEY_DEFAULTS: tuple[tuple[str, str], ...] = (
+    ("OPENAI_API_KEY", "gpt-4o-mini"),
+    ("ANTHROPIC_API_KEY", "anthropic/claude-3-5-haiku-latest"),
+    ("GEMINI_API_KEY", "gemini/gemini-1.5-flash"),
+    ("MISTRAL_API_KEY", "mistral/mistral-small-latest"),
+    ("GROQ_API_KEY", "groq/llama-3.1-8b-instant"),
+)
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Cortex configuration. Field `x` is read from `CORTEX_X`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CORTEX_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8765, ge=0, le=65535)
+    database_url: str = "sqlite+aiosqlite:///./cortex.db"
+
+    default_model: str | None = Field(
+        default=None, validation_alias=AliasChoices("CORTEX_DEFAULT_MODEL", "LLM_DEFAULT_MODEL")
+    )
+    use_mock: bool | None = Field(
+        default=None, validation_alias=AliasChoices("CORTEX_USE_MOCK", "LLM_USE_MOCK")
+    )
+    llm_timeout: float = Field(
+        default=120.0, gt=0, validation_alias=AliasChoices("CORTEX_LLM_TIMEOUT", "LLM_TIMEOUT")
+    )
+    llm_api_base: str | None = None
+    llm_api_key: str | None = None
+    allowed_models: CsvList = Field(default_factory=list)
+    fallback_models: CsvList = Field(default_factory=list)
+    num_retries: int = Field(default=2, ge=0, le=10)
+    stream_idle_timeout: float = Field(default=60.0, gt=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, gt=0)
+    system_prompt: str = "You are a helpful assistant."
+    litellm_remote_cost_map: bool = False
+
+    max_message_chars: int = Field(default=32_000, gt=0)
+    max_frame_bytes: int = Field(default=1_048_576, ge=1024)
+    checkpoint_ms: int = Field(default=500, ge=10)
+    history_page_max: int = Field(default=200, ge=1)
+    send_queue_max: int = Field(default=1024, ge=8)
+
+    max_tool_rounds: int = Field(default=5, ge=1, le=50)
+    tool_timeout: float = Field(default=30.0, gt=0)
+    tools: CsvList | None = None
+    tool_modules: CsvList = Field(default_factory=list)
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+
+    static_dir: Path = STATIC_DIR
+    log_level: str = "INFO"
+
+    @field_validator("allowed_models", "fallback_models", "tools", "tool_modules", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def model(self, environ: Mapping[str, str] | None = None) -> str:
+        """The model a reply uses when the conversation names none.
+
+        Mock when asked for, or when no model is set and no provider key is present, so that a
+        fresh install answers at once.
+        """
+        if self.use_mock:
+            return MOCK_MODEL
+        if self.default_model:
+            return self.default_model
+        env = os.environ if environ is None else environ
+        for key, model in _KEY_DEFAULTS:
+            if env.get(key):
+                return model
+        return MOCK_MODEL
+
+    def is_model_allowed(self, model: str, environ: Mapping[str, str] | None = None) -> bool:
+        """A client may only pick the default, a fallback, the mock, or an allowed model."""
+        if "*" in self.allowed_models:
+            return True
+        return model in {
+            self.model(environ),
+            MOCK_MODEL,
+            *self.fallback_models,
+            *self.allowed_models,
+        }

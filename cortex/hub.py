@@ -1,0 +1,62 @@
+"""Who is subscribed to which conversation, and fan-out of encoded events to them.
+
+Each event is encoded once by the publisher and handed to every subscriber's own queue
+(`Subscriber.deliver` never blocks), so one slow socket never delays the others: a subscriber
+whose queue overflows is dropped by its connection (see `server.Connection`).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Subscriber(Protocol):
+    """A client connection as the hub and the router see it."""
+
+    def deliver(self, frame: str) -> None:
+        """Queue one encoded frame for sending; must not block."""
+
+
+class Hub:
+    """In-process fan-out. A Redis-backed hub with the same methods serves several processes."""
+
+    def __init__(self) -> None:
+        self._subs: dict[str, dict[Subscriber, None]] = {}  # insertion-ordered sets
+        self._by_sub: dict[Subscriber, set[str]] = {}
+
+    def subscribe(self, conversation_id: str, sub: Subscriber) -> None:
+        self._subs.setdefault(conversation_id, {})[sub] = None
+        self._by_sub.setdefault(sub, set()).add(conversation_id)
+
+    def unsubscribe(self, conversation_id: str, sub: Subscriber) -> None:
+        subs = self._subs.get(conversation_id)
+        if subs is not None:
+            subs.pop(sub, None)
+            if not subs:
+                del self._subs[conversation_id]
+        conversations = self._by_sub.get(sub)
+        if conversations is not None:
+            conversations.discard(conversation_id)
+            if not conversations:
+                del self._by_sub[sub]
+
+    def drop(self, sub: Subscriber) -> None:
+        """Forget a connection that has gone away."""
+        for conversation_id in list(self._by_sub.get(sub, ())):
+            self.unsubscribe(conversation_id, sub)
+
+    def is_subscribed(self, conversation_id: str, sub: Subscriber) -> bool:
+        return sub in self._subs.get(conversation_id, {})
+
+    def subscriber_count(self, conversation_id: str | None = None) -> int:
+        if conversation_id is not None:
+            return len(self._subs.get(conversation_id, {}))
+        return sum(len(subs) for subs in self._subs.values())
+
+    def publish(self, conversation_id: str, frame: str) -> None:
+        """Hand one encoded event to every subscriber of the conversation, in order."""
+        subs = self._subs.get(conversation_id)
+        if not subs:
+            return
+        for sub in tuple(subs):
+            sub.deliver(frame)

@@ -1,0 +1,379 @@
+"""LlmService: every model call goes through `litellm.acompletion`, streaming or not.
+
+`stream()` yields typed events (`TextDelta`, `ToolCalls`, `UsageInfo`, `Finish`); LiteLLM's
+exceptions become `ProviderError` / `ProviderTimeout` here and nowhere else. The built-in mock
+model uses LiteLLM's own `mock_response`, so it takes the same streaming path as a provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Protocol
+
+from .config import MOCK_MODEL, Settings
+from .errors import CortexError, ProviderError, ProviderTimeout
+
+Messages = Sequence[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # raw JSON text, as the model wrote it
+
+    def as_openai(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCalls:
+    """Every tool call of one model turn, assembled from the streamed fragments."""
+
+    calls: tuple[ToolCall, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageInfo:
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cost_usd: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    reason: str | None
+
+
+StreamEvent = TextDelta | ToolCalls | UsageInfo | Finish
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole (non-streamed) answer."""
+
+    text: str
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    usage: UsageInfo | None = None
+    finish_reason: str | None = None
+
+
+class LlmBackend(Protocol):
+    """What the Router needs of a model service; a scripted fake implements it for unit tests."""
+
+    def stream(
+        self,
+        messages: Messages,
+        *,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        system_prompt: str | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> AsyncIterator[StreamEvent]: ...
+
+    def default_model(self) -> str: ...
+
+
+def load_litellm(*, remote_cost_map: bool = False) -> ModuleType:
+    """Import LiteLLM once, offline-friendly, with its per-call logging turned down."""
+    if not remote_cost_map:
+        # Without this LiteLLM fetches its cost map over the network at import time.
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    litellm = importlib.import_module("litellm")
+    litellm.suppress_debug_info = True  # type: ignore[attr-defined]  # untyped module
+    # A parameter a model does not take (temperature on some) is dropped, not an error.
+    litellm.drop_params = True  # type: ignore[attr-defined]
+    return litellm
+
+
+def mock_reply(messages: Messages) -> str:
+    """The mock model's deterministic answer to the last user message."""
+    last = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
+    said = " ".join(str(last or "").split())
+    if len(said) > 200:
+        said = said[:199] + "…"
+    return (
+        f'You said: "{said}". I am Cortex\'s built-in mock model: no provider key is set, so no '
+        "real model was called. Set CORTEX_DEFAULT_MODEL and your provider's API key "
+        "(for example OPENAI_API_KEY) to talk to a real model."
+    )
+
+
+class LlmService:
+    """Model calls through LiteLLM, configured from `Settings`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._litellm = load_litellm(remote_cost_map=settings.litellm_remote_cost_map)
+
+    def default_model(self) -> str:
+        return self.settings.model()
+
+    def _kwargs(
+        self,
+        messages: Messages,
+        model: str | None,
+        temperature: float | None,
+        max_tokens: int | None,
+        system_prompt: str | None,
+        tools: Sequence[dict[str, Any]] | None,
+    ) -> dict[str, Any]:
+        s = self.settings
+        chosen = model or self.default_model()
+        full = list(messages)
+        if system_prompt:
+            full.insert(0, {"role": "system", "content": system_prompt})
+        kwargs: dict[str, Any] = {"messages": full, "timeout": s.llm_timeout}
+        if chosen == MOCK_MODEL:
+            kwargs.update(model="openai/cortex-mock", mock_response=mock_reply(full))
+        else:
+            kwargs.update(model=chosen, num_retries=s.num_retries)
+            if s.llm_api_base:
+                kwargs["api_base"] = s.llm_api_base
+            if s.llm_api_key:
+                kwargs["api_key"] = s.llm_api_key
+            if s.fallback_models:
+                kwargs["fallbacks"] = list(s.fallback_models)
+        temperature = s.temperature if temperature is None else temperature
+        if temperature is not None:
+            kwargs["temperature"] = temperature
+        max_tokens = s.max_tokens if max_tokens is None else max_tokens
+        if max_tokens is not None:
+            kwargs["max_tokens"] = max_tokens
+        if tools:
+            kwargs["tools"] = list(tools)
+        return kwargs
+
+    async def stream(
+        self,
+        messages: Messages,
+        *,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        system_prompt: str | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """Stream one model turn: text deltas, then tool calls, usage and the finish reason."""
+        kwargs = self._kwargs(messages, model, temperature, max_tokens, system_prompt, tools)
+        kwargs.update(stream=True, stream_options={"include_usage": True})
+        model_name = kwargs["model"]
+        idle = self.settings.stream_idle_timeout
+        loop = asyncio.get_running_loop()
+        calls: dict[int, list[str]] = {}  # index -> [id, name, arguments]
+        finish: str | None = None
+        usage: Any = None
+        response: Any = None
+        try:
+            async with asyncio.timeout(loop.time() + self.settings.llm_timeout) as first:
+                response = await self._litellm.acompletion(**kwargs)
+            # Only the wait for the next chunk is timed: a stall between chunks ends the reply.
+            async with asyncio.timeout(None) as stall:
+                iterator = response.__aiter__()
+                while True:
+                    stall.reschedule(loop.time() + idle)
+                    try:
+                        chunk = await iterator.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    stall.reschedule(None)
+                    if getattr(chunk, "usage", None) is not None:
+                        usage = chunk.usage
+                    if not chunk.choices:
+                        continue
+                    choice = chunk.choices[0]
+                    delta = choice.delta
+                    if delta is not None:
+                        text = delta.content
+                        if text:
+                            yield TextDelta(text)
+                        for call in delta.tool_calls or ():
+                            _merge_tool_call(calls, call)
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+        except TimeoutError as exc:
+            raise ProviderTimeout(
+                "the model did not answer in time"
+                if response is None or first.expired()
+                else f"the model stalled for more than {idle:g} s"
+            ) from exc
+        except CortexError:
+            raise
+        except Exception as exc:
+            raise _map_error(exc) from exc
+        finally:
+            if response is not None:
+                await _close(response)
+        if calls:
+            yield ToolCalls(
+                tuple(
+                    ToolCall(id=c[0] or f"call_{i}", name=c[1], arguments=c[2] or "{}")
+                    for i, c in sorted(calls.items())
+                )
+            )
+        if usage is not None:
+            yield self._usage(model_name, usage)
+        yield Finish(finish)
+
+    async def complete(
+        self,
+        messages: Messages,
+        *,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        system_prompt: str | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> Completion:
+        """One whole answer (no streaming), with its tool calls and usage."""
+        kwargs = self._kwargs(messages, model, temperature, max_tokens, system_prompt, tools)
+        try:
+            response = await self._litellm.acompletion(**kwargs)
+        except Exception as exc:
+            raise _map_error(exc) from exc
+        choice = response.choices[0]
+        message = choice.message
+        calls = [
+            ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments or "{}")
+            for c in (getattr(message, "tool_calls", None) or ())
+        ]
+        usage = getattr(response, "usage", None)
+        return Completion(
+            text=message.content or "",
+            tool_calls=calls,
+            usage=self._usage(kwargs["model"], usage) if usage is not None else None,
+            finish_reason=choice.finish_reason,
+        )
+
+    def _usage(self, model: str, usage: Any) -> UsageInfo:
+        prompt = getattr(usage, "prompt_tokens", None)
+        completion = getattr(usage, "completion_tokens", None)
+        cost: float | None = None
+        if prompt is not None and completion is not None:
+            try:
+                prompt_cost, completion_cost = self._litellm.cost_per_token(
+                    model=model, prompt_tokens=prompt, completion_tokens=completion
+                )
+                cost = float(prompt_cost + completion_cost)
+            except Exception:  # an unpriced model (local, fake, mock) has no cost
+                cost = None
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost)
+
+    def trim(self, messages: list[dict[str, Any]], model: str | None) -> list[dict[str, Any]]:
+        """Trim the oldest history to the model's context window (LiteLLM's token counting)."""
+        chosen = model or self.default_model()
+        if chosen == MOCK_MODEL or chosen not in self._litellm.model_cost:
+            return messages
+        try:
+            trimmed = self._litellm.utils.trim_messages(messages, model=chosen)
+        except Exception:
+            return messages
+        return list(trimmed) if isinstance(trimmed, list) else messages
+
+    # ---- the seed design's interface, kept for callers written against it ---------------
+
+    async def get_completion(
+        self,
+        prompt: str,
+        system_prompt: str | None = None,
+        temperature: float = 0.7,
+        max_tokens: int | None = None,
+        model: str | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
+        """Seed interface: one prompt in, the answer text out (errors raise, never return)."""
+        result = await self.complete(
+            [{"role": "user", "content": prompt}],
+            model=model,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            system_prompt=system_prompt,
+            tools=tools,
+        )
+        return result.text
+
+    async def get_streaming_completion(
+        self,
+        prompt: str,
+        system_prompt: str | None = None,
+        temperature: float = 0.7,
+        max_tokens: int | None = None,
+        model: str | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> AsyncGenerator[str, None]:
+        """Seed interface: the answer as text chunks."""
+        async for event in self.stream(
+            [{"role": "user", "content": prompt}],
+            model=model,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            system_prompt=system_prompt,
+            tools=tools,
+        ):
+            if isinstance(event, TextDelta):
+                yield event.text
+
+
+def _merge_tool_call(calls: dict[int, list[str]], fragment: Any) -> None:
+    index = getattr(fragment, "index", None)
+    index = len(calls) if index is None else int(index)
+    entry = calls.setdefault(index, ["", "", ""])
+    if getattr(fragment, "id", None):
+        entry[0] = fragment.id
+    function = getattr(fragment, "function", None)
+    if function is not None:
+        if getattr(function, "name", None):
+            entry[1] = function.name
+        if getattr(function, "arguments", None):
+            entry[2] += function.arguments
+
+
+async def _close(response: Any) -> None:
+    """Close the provider stream so a cancelled or failed reply frees its connection."""
+    for name in ("aclose", "close"):
+        closer = getattr(response, name, None)
+        if closer is None:
+            continue
+        try:
+            result = closer()
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:  # closing is best effort; the reply is already decided
+            pass
+        return
+
+
+def _map_error(exc: Exception) -> ProviderError:
+    """LiteLLM's exception zoo, mapped to Cortex's two provider errors."""
+    name = type(exc).__name__
+    status = getattr(exc, "status_code", None)
+    if "Timeout" in name or isinstance(exc, TimeoutError):
+        return ProviderTimeout(f"the model provider timed out ({name})")
+    text = str(getattr(exc, "message", "") or exc) or name
+    text = " ".join(text.split())[:300]
+    prefix = f"{name} {status}" if isinstance(status, int) else name
+    return ProviderError(f"{prefix}: {text}")
+
+
+def parse_arguments(arguments: str) -> Any:
+    """A tool call's arguments as JSON if they parse, else the raw text (for display)."""
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments

@@ -1,0 +1,262 @@
+"""Every frame of the wire protocol as a pydantic model (see docs/protocol.md).
+
+Inbound frames are validated strictly: `parse_frame()` returns a typed frame or raises a
+`ProtocolError` whose `code` goes back to the client. Outbound events are built by the server
+itself, so they skip validation (`model_construct`) and are encoded to JSON once per event, then
+shared by every subscriber.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+
+from .errors import BadFrame, BadJson, TooLarge, UnknownType
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+RequestId = Annotated[str, StringConstraints(max_length=128)]
+Seq = Annotated[int, Field(ge=0, le=2**53)]
+Limit = Annotated[int, Field(ge=1, le=200)]
+
+
+class _Inbound(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    request_id: RequestId | None = None
+
+
+class Send(_Inbound):
+    """A user message; no `conversation_id` starts a new conversation."""
+
+    type: Literal["send"]
+    conversation_id: Id | None = None
+    content: str
+    client_msg_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    model: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    system_prompt: Annotated[str, StringConstraints(max_length=20_000)] | None = None
+    tools: (
+        Annotated[list[Annotated[str, StringConstraints(max_length=64)]], Field(max_length=64)]
+        | None
+    ) = None
+
+
+class Subscribe(_Inbound):
+    type: Literal["subscribe"]
+    conversation_id: Id
+    after_seq: Seq | None = None
+
+
+class Unsubscribe(_Inbound):
+    type: Literal["unsubscribe"]
+    conversation_id: Id
+
+
+class History(_Inbound):
+    type: Literal["history"]
+    conversation_id: Id
+    before_seq: Seq | None = None
+    limit: Limit = 50
+
+
+class Conversations(_Inbound):
+    type: Literal["conversations"]
+    before: Id | None = None
+    limit: Limit = 50
+
+
+class Cancel(_Inbound):
+    type: Literal["cancel"]
+    conversation_id: Id
+
+
+class Ping(_Inbound):
+    type: Literal["ping"]
+
+
+InboundFrame = Annotated[
+    Send | Subscribe | Unsubscribe | History | Conversations | Cancel | Ping,
+    Field(discriminator="type"),
+]
+_INBOUND: TypeAdapter[InboundFrame] = TypeAdapter(InboundFrame)
+INBOUND_TYPES = frozenset(
+    {"send", "subscribe", "unsubscribe", "history", "conversations", "cancel", "ping"}
+)
+
+
+def parse_frame(raw: str | bytes, *, max_message_chars: int) -> InboundFrame:
+    """Parse one client frame, or raise the `ProtocolError` that says what is wrong with it."""
+    if isinstance(raw, bytes):
+        raise BadFrame("binary frames are not accepted; send JSON text")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise BadJson(f"frame is not valid JSON: {str(exc)[:120]}") from exc
+    if not isinstance(data, dict):
+        raise BadFrame("frame must be a JSON object")
+    kind = data.get("type")
+    if not isinstance(kind, str):
+        raise BadFrame("frame needs a string field 'type'")
+    if kind not in INBOUND_TYPES:
+        raise UnknownType(f"unknown frame type {kind[:40]!r}")
+    if kind == "send" and isinstance(data.get("content"), str):
+        if len(data["content"]) > max_message_chars:
+            raise TooLarge(f"message is longer than {max_message_chars} characters")
+        if not data["content"].strip():
+            raise BadFrame("content must not be empty")
+    try:
+        return _INBOUND.validate_python(data)
+    except ValidationError as exc:
+        raise BadFrame(_describe(exc)) from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    first = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in first["loc"][1:]) or "frame"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+def request_id_of(raw: str | bytes) -> str | None:
+    """Best effort: the request_id of a frame that failed to parse, so the error can echo it."""
+    if isinstance(raw, bytes) or '"request_id"' not in raw:
+        return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    rid = data.get("request_id") if isinstance(data, dict) else None
+    return rid[:128] if isinstance(rid, str) else None
+
+
+# ---- outbound -----------------------------------------------------------------------------
+
+
+class _Outbound(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    def encode(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_usd: float | None = None
+
+
+class MessageView(BaseModel):
+    """A stored message as clients see it."""
+
+    id: str
+    seq: int
+    role: Literal["user", "assistant", "tool", "system"]
+    content: str
+    status: Literal["complete", "streaming", "error", "cancelled", "interrupted"]
+    created_at: str
+    model: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    usage: Usage | None = None
+    finish_reason: str | None = None
+    error_code: str | None = None
+
+
+class ConversationView(BaseModel):
+    id: str
+    title: str
+    model: str | None = None
+    created_at: str
+    updated_at: str
+    last_seq: int
+
+
+class Ack(_Outbound):
+    type: Literal["ack"] = "ack"
+    conversation_id: str | None = None
+    message_id: str | None = None
+    seq: int | None = None
+    request_id: str | None = None
+
+
+class MessageEvent(_Outbound):
+    type: Literal["message"] = "message"
+    conversation_id: str
+    seq: int
+    message: MessageView
+
+
+class Typing(_Outbound):
+    type: Literal["typing"] = "typing"
+    conversation_id: str
+    active: bool
+
+
+class Delta(_Outbound):
+    type: Literal["delta"] = "delta"
+    conversation_id: str
+    message_id: str
+    offset: int
+    text: str
+
+
+class ToolCallEvent(_Outbound):
+    type: Literal["tool_call"] = "tool_call"
+    conversation_id: str
+    message_id: str
+    call_id: str
+    name: str
+    arguments: Any
+
+
+class ToolResultEvent(_Outbound):
+    type: Literal["tool_result"] = "tool_result"
+    conversation_id: str
+    message_id: str
+    call_id: str
+    ok: bool
+    result: Any = None
+    error: str | None = None
+
+
+class HistoryPage(_Outbound):
+    type: Literal["history"] = "history"
+    conversation_id: str
+    messages: list[MessageView]
+    has_more: bool
+    request_id: str | None = None
+
+
+class ConversationsPage(_Outbound):
+    type: Literal["conversations"] = "conversations"
+    items: list[ConversationView]
+    has_more: bool
+    request_id: str | None = None
+
+
+class ErrorEvent(_Outbound):
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+    request_id: str | None = None
+    conversation_id: str | None = None
+
+
+class Pong(_Outbound):
+    type: Literal["pong"] = "pong"
+    request_id: str | None = None
+
+
+def delta_frame(conversation_id: str, message_id: str, offset: int, text: str) -> str:
+    """The hottest frame of all, encoded without building a model."""
+    return json.dumps(
+        {
+            "type": "delta",
+            "conversation_id": conversation_id,
+            "message_id": message_id,
+            "offset": offset,
+            "text": text,
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )

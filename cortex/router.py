@@ -1,0 +1,499 @@
+"""The Router: one user message in, one stored, streamed (and tool-using) reply out.
+
+It knows nothing of sockets or SQL: it gets a `Store`, an LLM backend, a hub and (optionally)
+a tool registry, and talks to clients only through `Subscriber.deliver` and `Hub.publish`.
+Pipeline per `send` (DESIGN.md): validate, deduplicate by client_msg_id, store and ack, typing
+on, stream the reply with checkpoints, run tools, store the final reply, typing off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .config import Settings
+from .errors import BadFrame, CortexError, Internal, NotFound
+from .hub import Hub, Subscriber
+from .llm import Finish, LlmBackend, TextDelta, ToolCall, ToolCalls, UsageInfo, parse_arguments
+from .protocol import (
+    Ack,
+    ConversationsPage,
+    ErrorEvent,
+    HistoryPage,
+    Send,
+    ToolCallEvent,
+    ToolResultEvent,
+    Typing,
+    delta_frame,
+)
+from .views import conversation_view, message_event, message_view, openai_messages
+
+if TYPE_CHECKING:
+    from .store.repo import Store
+    from .tools import ToolRegistry, ToolResult
+
+log = logging.getLogger("cortex.router")
+
+TOOL_LIMIT_TEXT = "I stopped: the limit of {n} tool rounds for one reply was reached."
+
+
+@dataclass(slots=True)
+class ActiveReply:
+    """The reply being streamed in a conversation: its text lives here between checkpoints."""
+
+    message_id: str
+    seq: int
+    parts: list[str] = field(default_factory=list)
+    length: int = 0
+
+    def text(self) -> str:
+        if len(self.parts) > 1:
+            self.parts[:] = ["".join(self.parts)]
+        return self.parts[0] if self.parts else ""
+
+
+@dataclass(slots=True)
+class PendingReply:
+    """A stored user message waiting for its answer."""
+
+    seq: int
+    model: str | None
+    tools: tuple[str, ...] | None
+    cancel_requested: bool = False
+
+
+@dataclass(slots=True)
+class _TurnResult:
+    message_id: str
+    text: str = ""
+    calls: tuple[ToolCall, ...] = ()
+    usage: UsageInfo | None = None
+    finish: str | None = None
+
+
+class Router:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        llm: LlmBackend,
+        hub: Hub,
+        tools: ToolRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.llm = llm
+        self.hub = hub
+        self.tools = tools
+        self._pending: dict[str, deque[PendingReply]] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._active: dict[str, ActiveReply] = {}
+        self._current: dict[str, PendingReply] = {}
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def _lock(self, conversation_id: str) -> asyncio.Lock:
+        # Storing a message and publishing it happen under this lock, and so does a subscribe's
+        # catch-up, so a subscriber sees every stored message exactly once, in seq order.
+        lock = self._locks.get(conversation_id)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[conversation_id] = lock
+        return lock
+
+    # ---- client requests ----------------------------------------------------------------
+
+    async def send(self, owner: str, frame: Send, client: Subscriber) -> None:
+        """Store a user message, ack it, and queue its reply (steps 1-3 of the pipeline)."""
+        model = frame.model
+        if model is not None and not self.settings.is_model_allowed(model):
+            raise BadFrame(f"model {model!r} is not enabled on this server")
+        tools = tuple(frame.tools) if frame.tools is not None else None
+        if tools:
+            known = set(self.tools.names) if self.tools is not None else set()
+            unknown = [name for name in tools if name not in known]
+            if unknown:
+                raise BadFrame(f"unknown tools: {', '.join(unknown)}")
+        lock = self._lock(frame.conversation_id) if frame.conversation_id else None
+        async with lock or _NO_LOCK:
+            stored = await self.store.add_user_message(
+                owner=owner,
+                conversation_id=frame.conversation_id,
+                content=frame.content,
+                client_msg_id=frame.client_msg_id,
+                model=model,
+                system_prompt=frame.system_prompt,
+            )
+            if stored is None:
+                raise NotFound("no such conversation")
+            conv, message, created = stored
+            self.hub.subscribe(conv.id, client)
+            client.deliver(
+                Ack(
+                    conversation_id=conv.id,
+                    message_id=message.id,
+                    seq=message.seq,
+                    request_id=frame.request_id,
+                ).encode()
+            )
+            if not created:
+                return  # an idempotent retry: acknowledged again, nothing else
+            self.hub.publish(conv.id, message_event(message))
+        self._enqueue(conv.id, PendingReply(seq=message.seq, model=model, tools=tools))
+
+    async def subscribe(
+        self, owner: str, conversation_id: str, after_seq: int | None, client: Subscriber
+    ) -> None:
+        """Catch up from `after_seq`, then the reply in progress so far, then live events."""
+        if await self.store.get_conversation(conversation_id, owner=owner) is None:
+            raise NotFound("no such conversation")
+        async with self._lock(conversation_id):
+            if after_seq is not None:
+                cursor = after_seq
+                while True:
+                    rows, more = await self.store.messages(
+                        conversation_id, after_seq=cursor, limit=200
+                    )
+                    for row in rows:
+                        streaming = row.status == "streaming"
+                        client.deliver(message_event(row, content="" if streaming else None))
+                    if not more or not rows:
+                        break
+                    cursor = rows[-1].seq
+            self.hub.subscribe(conversation_id, client)
+            active = self._active.get(conversation_id)
+            if active is not None and active.length:
+                client.deliver(delta_frame(conversation_id, active.message_id, 0, active.text()))
+
+    async def history(
+        self,
+        owner: str,
+        conversation_id: str,
+        *,
+        before_seq: int | None,
+        limit: int,
+        request_id: str | None = None,
+    ) -> str:
+        if await self.store.get_conversation(conversation_id, owner=owner) is None:
+            raise NotFound("no such conversation")
+        rows, more = await self.store.messages(
+            conversation_id, before_seq=before_seq, limit=min(limit, self.settings.history_page_max)
+        )
+        return HistoryPage.model_construct(
+            conversation_id=conversation_id,
+            messages=[self._live_view(r) for r in rows],
+            has_more=more,
+            request_id=request_id,
+        ).encode()
+
+    def _live_view(self, row: Any) -> Any:
+        active = self._active.get(row.conversation_id)
+        if active is not None and active.message_id == row.id:
+            return message_view(row, content=active.text())
+        return message_view(row)
+
+    async def conversations(
+        self, owner: str, *, before: str | None, limit: int, request_id: str | None = None
+    ) -> str:
+        rows, more = await self.store.conversations(owner=owner, before=before, limit=limit)
+        return ConversationsPage.model_construct(
+            items=[conversation_view(r) for r in rows], has_more=more, request_id=request_id
+        ).encode()
+
+    async def cancel(self, owner: str, conversation_id: str) -> bool:
+        """Stop the reply in progress; its text so far is stored as `cancelled`."""
+        if await self.store.get_conversation(conversation_id, owner=owner) is None:
+            raise NotFound("no such conversation")
+        current = self._current.get(conversation_id)
+        worker = self._workers.get(conversation_id)
+        if current is None or worker is None or current.cancel_requested:
+            return False
+        current.cancel_requested = True
+        worker.cancel()
+        return True
+
+    # ---- reply generation ---------------------------------------------------------------
+
+    def _enqueue(self, conversation_id: str, pending: PendingReply) -> None:
+        self._pending.setdefault(conversation_id, deque()).append(pending)
+        if conversation_id not in self._workers:
+            task = asyncio.create_task(self._work(conversation_id), name=f"reply:{conversation_id}")
+            self._workers[conversation_id] = task
+
+    async def _work(self, conversation_id: str) -> None:
+        """Answer the queued messages of one conversation, one after another, in order."""
+        queue = self._pending[conversation_id]
+        try:
+            while queue:
+                pending = queue.popleft()
+                self._current[conversation_id] = pending
+                try:
+                    await self._reply(conversation_id, pending)
+                except asyncio.CancelledError:
+                    if not pending.cancel_requested:
+                        raise
+                    # cancel() stopped this reply; the next queued message still gets its own.
+                    task = asyncio.current_task()
+                    if task is not None:
+                        task.uncancel()
+                except Exception:
+                    log.exception("reply failed in conversation %s", conversation_id)
+                finally:
+                    self._active.pop(conversation_id, None)
+                    self._current.pop(conversation_id, None)
+        finally:
+            self._workers.pop(conversation_id, None)
+            if not queue:
+                self._pending.pop(conversation_id, None)
+
+    async def _reply(self, conversation_id: str, pending: PendingReply) -> None:
+        conv = await self.store.get_conversation_any(conversation_id)
+        if conv is None:
+            return
+        model = pending.model or conv.model or self.llm.default_model()
+        system_prompt = conv.system_prompt or self.settings.system_prompt
+        specs = self._tool_specs(pending.tools)
+        self.hub.publish(
+            conversation_id, Typing(conversation_id=conversation_id, active=True).encode()
+        )
+        try:
+            rounds = 0
+            while True:
+                result = await self._turn(conversation_id, pending, model, system_prompt, specs)
+                if not result.calls:
+                    return
+                rounds += 1
+                await self._run_tools(
+                    conversation_id, result.message_id, result.calls, pending.tools
+                )
+                if rounds >= self.settings.max_tool_rounds:
+                    await self._tool_limit_reached(conversation_id, model)
+                    return
+        finally:
+            self.hub.publish(
+                conversation_id, Typing(conversation_id=conversation_id, active=False).encode()
+            )
+
+    def _tool_specs(self, names: tuple[str, ...] | None) -> list[dict[str, Any]]:
+        if self.tools is None:
+            return []
+        return self.tools.specs(names)
+
+    async def _turn(
+        self,
+        conversation_id: str,
+        pending: PendingReply,
+        model: str,
+        system_prompt: str,
+        specs: Sequence[dict[str, Any]],
+    ) -> _TurnResult:
+        """One model turn into one assistant row: streamed, checkpointed, then finalised."""
+        async with self._lock(conversation_id):
+            row = await self.store.add_message(
+                conversation_id=conversation_id,
+                role="assistant",
+                content="",
+                status="streaming",
+                model=model,
+            )
+            active = ActiveReply(message_id=row.id, seq=row.seq)
+            self._active[conversation_id] = active
+            self.hub.publish(conversation_id, message_event(row))
+        history = await self.store.context(conversation_id, upto_user_seq=pending.seq)
+        messages = self.llm_trim(openai_messages(history), model)
+        result = _TurnResult(message_id=row.id)
+        status, error = "complete", None
+        try:
+            await self._stream(
+                conversation_id, active, result, messages, model, system_prompt, specs
+            )
+        except asyncio.CancelledError:
+            status = "cancelled" if pending.cancel_requested else "interrupted"
+            raise
+        except CortexError as exc:
+            status, error = "error", exc
+        except Exception as exc:
+            log.exception("reply stream failed")
+            status, error = "error", Internal("internal error while generating the reply")
+            error.__cause__ = exc
+        finally:
+            result.text = active.text()
+            await self._finish_row(conversation_id, row.id, active, result, status, error)
+        return result
+
+    def llm_trim(self, messages: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
+        trim = getattr(self.llm, "trim", None)
+        return trim(messages, model) if trim is not None else messages
+
+    async def _stream(
+        self,
+        conversation_id: str,
+        active: ActiveReply,
+        result: _TurnResult,
+        messages: list[dict[str, Any]],
+        model: str,
+        system_prompt: str,
+        specs: Sequence[dict[str, Any]],
+    ) -> None:
+        interval = self.settings.checkpoint_ms / 1000
+        next_checkpoint = time.monotonic() + interval
+        publish = self.hub.publish
+        async for event in self.llm.stream(
+            messages, model=model, system_prompt=system_prompt, tools=specs or None
+        ):
+            if isinstance(event, TextDelta):
+                text = event.text
+                publish(
+                    conversation_id,
+                    delta_frame(conversation_id, active.message_id, active.length, text),
+                )
+                active.parts.append(text)
+                active.length += len(text)
+                if time.monotonic() >= next_checkpoint:
+                    # Checkpoints bound what a crash can lose; they never run per chunk.
+                    await self.store.update_message(active.message_id, content=active.text())
+                    next_checkpoint = time.monotonic() + interval
+            elif isinstance(event, ToolCalls):
+                result.calls = event.calls
+            elif isinstance(event, UsageInfo):
+                result.usage = event
+            elif isinstance(event, Finish):
+                result.finish = event.reason
+
+    async def _finish_row(
+        self,
+        conversation_id: str,
+        message_id: str,
+        active: ActiveReply,
+        result: _TurnResult,
+        status: str,
+        error: CortexError | None,
+    ) -> None:
+        usage = result.usage
+        fields: dict[str, Any] = {
+            "content": result.text,
+            "status": status,
+            "finish_reason": result.finish if status == "complete" else status,
+            "error_code": error.code if error is not None else None,
+        }
+        if result.calls:
+            fields["tool_calls"] = [call.as_openai() for call in result.calls]
+        if usage is not None:
+            fields.update(
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cost_usd=usage.cost_usd,
+            )
+        async with self._lock(conversation_id):
+            # Shielded: a shutdown that cancels the reply must not also cancel storing it.
+            await asyncio.shield(self.store.update_message(message_id, **fields))
+            self._active.pop(conversation_id, None)
+            row = await asyncio.shield(self.store.get_message(message_id))
+            if row is not None:
+                self.hub.publish(conversation_id, message_event(row))
+        if error is not None:
+            self.hub.publish(
+                conversation_id,
+                ErrorEvent(
+                    code=error.code, message=error.message, conversation_id=conversation_id
+                ).encode(),
+            )
+
+    async def _run_tools(
+        self,
+        conversation_id: str,
+        active_id: str,
+        calls: Sequence[ToolCall],
+        allowed: tuple[str, ...] | None,
+    ) -> None:
+        """Run every call of one turn concurrently; store and announce each result."""
+        for call in calls:
+            self.hub.publish(
+                conversation_id,
+                ToolCallEvent(
+                    conversation_id=conversation_id,
+                    message_id=active_id,
+                    call_id=call.id,
+                    name=call.name,
+                    arguments=parse_arguments(call.arguments),
+                ).encode(),
+            )
+        results = await asyncio.gather(*(self._run_tool(call, allowed) for call in calls))
+        for call, outcome in zip(calls, results, strict=True):
+            async with self._lock(conversation_id):
+                row = await self.store.add_message(
+                    conversation_id=conversation_id,
+                    role="tool",
+                    content=outcome.content(),
+                    tool_call_id=call.id,
+                    status="complete" if outcome.ok else "error",
+                    error_code=None if outcome.ok else "tool_error",
+                )
+                self.hub.publish(
+                    conversation_id,
+                    ToolResultEvent(
+                        conversation_id=conversation_id,
+                        message_id=active_id,
+                        call_id=call.id,
+                        ok=outcome.ok,
+                        result=outcome.result if outcome.ok else None,
+                        error=outcome.error,
+                    ).encode(),
+                )
+                self.hub.publish(conversation_id, message_event(row))
+
+    async def _run_tool(self, call: ToolCall, allowed: tuple[str, ...] | None) -> ToolResult:
+        assert self.tools is not None  # a model only calls tools it was given
+        return await self.tools.run(
+            call.name, call.arguments, timeout=self.settings.tool_timeout, allowed=allowed
+        )
+
+    async def _tool_limit_reached(self, conversation_id: str, model: str) -> None:
+        text = TOOL_LIMIT_TEXT.format(n=self.settings.max_tool_rounds)
+        async with self._lock(conversation_id):
+            row = await self.store.add_message(
+                conversation_id=conversation_id,
+                role="assistant",
+                content=text,
+                status="error",
+                error_code="tool_error",
+                finish_reason="tool_limit",
+                model=model,
+            )
+            self.hub.publish(conversation_id, message_event(row))
+        self.hub.publish(
+            conversation_id,
+            ErrorEvent(code="tool_error", message=text, conversation_id=conversation_id).encode(),
+        )
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def busy(self) -> bool:
+        return bool(self._workers)
+
+    async def drain(self, grace: float) -> None:
+        """Let replies in progress finish for up to `grace` seconds, then interrupt the rest."""
+        workers = list(self._workers.values())
+        if workers:
+            _done, still = await asyncio.wait(workers, timeout=grace)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=10)
+
+
+class _NoLock:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *_exc: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()

@@ -1,0 +1,169 @@
+"""The WebSocket side: one `Connection` per client, frames in, encoded events out.
+
+Each connection has a bounded outbound queue drained by its own writer task; the hub and the
+router only ever `deliver()` to it, which never blocks. A client that stops reading fills its
+queue and is closed with 1013, so it cannot slow anyone else or grow memory without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+
+from .errors import CortexError, Internal
+from .protocol import (
+    Ack,
+    Cancel,
+    Conversations,
+    ErrorEvent,
+    History,
+    InboundFrame,
+    Ping,
+    Pong,
+    Send,
+    Subscribe,
+    Unsubscribe,
+    parse_frame,
+    request_id_of,
+)
+
+if TYPE_CHECKING:
+    from .app import Cortex
+
+log = logging.getLogger("cortex.server")
+_ids = itertools.count(1)
+
+
+class Connection:
+    """One client socket as the hub sees it: `deliver()` queues, a writer task sends."""
+
+    def __init__(self, app: Cortex, ws: ServerConnection, owner: str) -> None:
+        self.app = app
+        self.ws = ws
+        self.owner = owner
+        self.id = next(_ids)
+        self._queue: deque[str] = deque()
+        self._wakeup = asyncio.Event()
+        self._limit = app.settings.send_queue_max
+        self.closing = False
+
+    def __hash__(self) -> int:
+        return self.id
+
+    def deliver(self, frame: str) -> None:
+        if self.closing:
+            return
+        if len(self._queue) >= self._limit:
+            self.close(CloseCode.TRY_AGAIN_LATER, "slow reader: too many unsent events")
+            return
+        self._queue.append(frame)
+        self._wakeup.set()
+
+    def close(self, code: int, reason: str) -> None:
+        """Close without waiting (called from deliver(), which must not block)."""
+        if self.closing:
+            return
+        self.closing = True
+        self._queue.clear()
+        self._wakeup.set()
+        self.app.hub.drop(self)
+        asyncio.get_running_loop().create_task(self.ws.close(code, reason))
+
+    async def write_loop(self) -> None:
+        queue, ws = self._queue, self.ws
+        try:
+            while not self.closing:
+                if not queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                frame = queue.popleft()
+                await ws.send(frame)
+        except ConnectionClosed:
+            pass
+
+    async def serve(self) -> None:
+        writer = asyncio.create_task(self.write_loop(), name=f"writer:{self.id}")
+        try:
+            async for raw in self.ws:
+                if self.closing:
+                    break
+                await self.dispatch(raw)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.closing = True
+            self.app.hub.drop(self)
+            self._wakeup.set()
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    async def dispatch(self, raw: str | bytes) -> None:
+        request_id: str | None = None
+        conversation_id: str | None = None
+        try:
+            frame = parse_frame(raw, max_message_chars=self.app.settings.max_message_chars)
+            request_id = frame.request_id
+            conversation_id = getattr(frame, "conversation_id", None)
+            await self.handle(frame)
+        except CortexError as exc:
+            if request_id is None:
+                request_id = request_id_of(raw)
+            self.send_error(exc, request_id, conversation_id)
+        except Exception:
+            log.exception("frame handling failed (connection %s)", self.id)
+            self.send_error(Internal("internal error"), request_id, conversation_id)
+
+    def send_error(
+        self, exc: CortexError, request_id: str | None, conversation_id: str | None
+    ) -> None:
+        self.deliver(
+            ErrorEvent(
+                code=exc.code,
+                message=exc.message,
+                request_id=request_id,
+                conversation_id=conversation_id,
+            ).encode()
+        )
+
+    async def handle(self, frame: InboundFrame) -> None:
+        router, owner = self.app.router, self.owner
+        if isinstance(frame, Send):
+            await router.send(owner, frame, self)
+        elif isinstance(frame, Subscribe):
+            await router.subscribe(owner, frame.conversation_id, frame.after_seq, self)
+        elif isinstance(frame, History):
+            self.deliver(
+                await router.history(
+                    owner,
+                    frame.conversation_id,
+                    before_seq=frame.before_seq,
+                    limit=frame.limit,
+                    request_id=frame.request_id,
+                )
+            )
+        elif isinstance(frame, Conversations):
+            self.deliver(
+                await router.conversations(
+                    owner, before=frame.before, limit=frame.limit, request_id=frame.request_id
+                )
+            )
+        elif isinstance(frame, Unsubscribe):
+            self.app.hub.unsubscribe(frame.conversation_id, self)
+            self.deliver(
+                Ack(conversation_id=frame.conversation_id, request_id=frame.request_id).encode()
+            )
+        elif isinstance(frame, Cancel):
+            await router.cancel(owner, frame.conversation_id)
+            self.deliver(
+                Ack(conversation_id=frame.conversation_id, request_id=frame.request_id).encode()
+            )
+        elif isinstance(frame, Ping):
+            self.deliver(Pong(request_id=frame.request_id).encode())

@@ -1,0 +1,293 @@
+"""Every query Cortex runs. SQLAlchemy's errors become `StoreError` here, at one boundary."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from ..errors import Internal
+from .models import Conversation, Message, new_id, utcnow
+
+TITLE_CHARS = 80
+# A reply's context keeps assistant text the user has seen; failed partial replies are left out.
+_CONTEXT_STATUSES = ("complete", "cancelled", "interrupted")
+
+
+class StoreError(Internal):
+    """The database failed; the client gets `internal`, the details go to the log."""
+
+
+class Store:
+    """Async repository over one engine; each call is one short transaction."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[AsyncSession]:
+        try:
+            async with self._sessions() as session, session.begin():
+                yield session
+        except IntegrityError:
+            raise
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database error: {type(exc).__name__}") from exc
+
+    async def ping(self) -> bool:
+        try:
+            async with self._tx() as session:
+                await session.execute(text("SELECT 1"))
+        except StoreError:
+            return False
+        return True
+
+    # ---- conversations ------------------------------------------------------------------
+
+    async def get_conversation(self, conversation_id: str, *, owner: str) -> Conversation | None:
+        """The conversation if it exists and belongs to `owner`; None otherwise (no probing)."""
+        async with self._tx() as session:
+            conv = await session.get(Conversation, conversation_id)
+        return conv if conv is not None and conv.owner == owner else None
+
+    async def get_conversation_any(self, conversation_id: str) -> Conversation | None:
+        """For the server's own use (replies), whoever the owner is."""
+        async with self._tx() as session:
+            return await session.get(Conversation, conversation_id)
+
+    async def conversations(
+        self, *, owner: str, before: str | None = None, limit: int = 50
+    ) -> tuple[list[Conversation], bool]:
+        """The owner's conversations, most recently active first."""
+        query = select(Conversation).where(Conversation.owner == owner)
+        async with self._tx() as session:
+            if before is not None:
+                anchor = await session.get(Conversation, before)
+                if anchor is not None and anchor.owner == owner:
+                    query = query.where(
+                        or_(
+                            Conversation.updated_at < anchor.updated_at,
+                            and_(
+                                Conversation.updated_at == anchor.updated_at,
+                                Conversation.id < anchor.id,
+                            ),
+                        )
+                    )
+            rows = (
+                await session.scalars(
+                    query.order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(
+                        limit + 1
+                    )
+                )
+            ).all()
+        return list(rows[:limit]), len(rows) > limit
+
+    # ---- messages -----------------------------------------------------------------------
+
+    async def add_user_message(
+        self,
+        *,
+        owner: str,
+        conversation_id: str | None,
+        content: str,
+        client_msg_id: str | None,
+        model: str | None = None,
+        system_prompt: str | None = None,
+    ) -> tuple[Conversation, Message, bool] | None:
+        """Store a user message, creating the conversation when `conversation_id` is None.
+
+        Returns (conversation, message, created). A repeated `client_msg_id` returns the
+        stored message with created=False (an idempotent retry). None: no such conversation.
+        """
+        for _attempt in range(3):
+            try:
+                return await self._add_user_message(
+                    owner=owner,
+                    conversation_id=conversation_id,
+                    content=content,
+                    client_msg_id=client_msg_id,
+                    model=model,
+                    system_prompt=system_prompt,
+                )
+            except IntegrityError:
+                # A concurrent retry of the same client_msg_id won the insert: read it back.
+                if client_msg_id is None:
+                    raise
+        raise StoreError("could not store the message")
+
+    async def _add_user_message(
+        self,
+        *,
+        owner: str,
+        conversation_id: str | None,
+        content: str,
+        client_msg_id: str | None,
+        model: str | None,
+        system_prompt: str | None,
+    ) -> tuple[Conversation, Message, bool] | None:
+        async with self._tx() as session:
+            if client_msg_id is not None:
+                found = await self._find_client_msg(session, owner, conversation_id, client_msg_id)
+                if found is not None:
+                    return found[0], found[1], False
+            if conversation_id is None:
+                conv = Conversation(
+                    id=new_id(),
+                    owner=owner,
+                    title=_title(content),
+                    model=model,
+                    system_prompt=system_prompt,
+                    last_seq=0,
+                )
+                session.add(conv)
+                await session.flush()
+            else:
+                maybe = await session.get(Conversation, conversation_id)
+                if maybe is None or maybe.owner != owner:
+                    return None
+                conv = maybe
+            message = await self._insert(
+                session,
+                conv.id,
+                role="user",
+                content=content,
+                status="complete",
+                client_msg_id=client_msg_id,
+            )
+            await session.refresh(conv)
+            return conv, message, True
+
+    async def _find_client_msg(
+        self, session: AsyncSession, owner: str, conversation_id: str | None, client_msg_id: str
+    ) -> tuple[Conversation, Message] | None:
+        query = (
+            select(Conversation, Message)
+            .join(Message, Message.conversation_id == Conversation.id)
+            .where(Conversation.owner == owner, Message.client_msg_id == client_msg_id)
+        )
+        if conversation_id is not None:
+            query = query.where(Conversation.id == conversation_id)
+        row = (await session.execute(query.limit(1))).first()
+        return (row[0], row[1]) if row is not None else None
+
+    async def _insert(self, session: AsyncSession, conversation_id: str, **fields: Any) -> Message:
+        # Taking the next seq with UPDATE ... RETURNING locks the conversation row, so seq stays
+        # gap-free and unique under concurrent writers (SQLite and PostgreSQL alike).
+        now = utcnow()
+        seq = (
+            await session.execute(
+                update(Conversation)
+                .where(Conversation.id == conversation_id)
+                .values(last_seq=Conversation.last_seq + 1, updated_at=now)
+                .returning(Conversation.last_seq)
+            )
+        ).scalar_one()
+        message = Message(
+            id=new_id(),
+            conversation_id=conversation_id,
+            seq=seq,
+            created_at=now,
+            updated_at=now,
+            **fields,
+        )
+        session.add(message)
+        await session.flush()
+        return message
+
+    async def add_message(self, *, conversation_id: str, role: str, **fields: Any) -> Message:
+        """Store an assistant, tool or system message at the next seq."""
+        async with self._tx() as session:
+            return await self._insert(session, conversation_id, role=role, **fields)
+
+    async def update_message(self, message_id: str, **fields: Any) -> None:
+        async with self._tx() as session:
+            await session.execute(
+                update(Message)
+                .where(Message.id == message_id)
+                .values(updated_at=utcnow(), **fields)
+            )
+
+    async def get_message(self, message_id: str) -> Message | None:
+        async with self._tx() as session:
+            return await session.get(Message, message_id)
+
+    async def messages(
+        self,
+        conversation_id: str,
+        *,
+        after_seq: int | None = None,
+        before_seq: int | None = None,
+        limit: int = 50,
+    ) -> tuple[list[Message], bool]:
+        """A page in seq order: the oldest after `after_seq`, or the newest before `before_seq`."""
+        query = select(Message).where(Message.conversation_id == conversation_id)
+        async with self._tx() as session:
+            if after_seq is not None:
+                rows = (
+                    await session.scalars(
+                        query.where(Message.seq > after_seq).order_by(Message.seq).limit(limit + 1)
+                    )
+                ).all()
+                return list(rows[:limit]), len(rows) > limit
+            if before_seq is not None:
+                query = query.where(Message.seq < before_seq)
+            rows = (
+                await session.scalars(query.order_by(Message.seq.desc()).limit(limit + 1))
+            ).all()
+        page = list(rows[:limit])
+        page.reverse()
+        return page, len(rows) > limit
+
+    async def context(self, conversation_id: str, *, upto_user_seq: int) -> list[Message]:
+        """What the model sees for the reply to user message `upto_user_seq`.
+
+        Every stored message the user has seen, without user messages queued after it and
+        without replies that failed or are still streaming.
+        """
+        query = (
+            select(Message)
+            .where(
+                Message.conversation_id == conversation_id,
+                Message.status.in_(_CONTEXT_STATUSES),
+                or_(Message.role != "user", Message.seq <= upto_user_seq),
+            )
+            .order_by(Message.seq)
+        )
+        async with self._tx() as session:
+            return list((await session.scalars(query)).all())
+
+    async def recover_interrupted(self) -> int:
+        """Rows left `streaming` by a process that died become `interrupted` (text kept)."""
+        async with self._tx() as session:
+            result = await session.execute(
+                update(Message)
+                .where(Message.status == "streaming")
+                .values(status="interrupted", error_code="interrupted", updated_at=utcnow())
+            )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    async def count_messages(self, conversation_id: str) -> int:
+        async with self._tx() as session:
+            return int(
+                (
+                    await session.scalar(
+                        select(func.count())
+                        .select_from(Message)
+                        .where(Message.conversation_id == conversation_id)
+                    )
+                )
+                or 0
+            )
+
+
+def _title(content: str) -> str:
+    line = " ".join(content.split())
+    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
+
+
+__all__: Sequence[str] = ("Store", "StoreError")

@@ -1,0 +1,156 @@
+"""Fixtures: a fake OpenAI-compatible provider, a real Cortex server on a free port, clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from cortex.app import Cortex, running
+from cortex.config import Settings
+from cortex.testing.fake_openai import FakeOpenAI
+
+# One factor scales every wait, as in websockets' own tests: raise it on a slow machine.
+TIMEOUT = 10.0 * float(os.environ.get("CORTEX_TEST_TIMEOUT_FACTOR", "1"))
+
+
+def make_settings(tmp_path: Path, provider: FakeOpenAI | None = None, **overrides: Any) -> Settings:
+    """Settings for a test server: a fresh SQLite file, port 0, the fake provider."""
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'cortex.db'}",
+        "num_retries": 0,
+        "checkpoint_ms": 50,
+        "stream_idle_timeout": 5.0,
+        "shutdown_grace_s": 2.0,
+    }
+    if provider is not None:
+        values.update(
+            default_model="openai/fake-model", llm_api_base=provider.base_url, llm_api_key="sk-fake"
+        )
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[FakeOpenAI]:
+    async with FakeOpenAI() as fake:
+        yield fake
+
+
+@pytest.fixture
+def settings(tmp_path: Path, provider: FakeOpenAI) -> Settings:
+    return make_settings(tmp_path, provider)
+
+
+@pytest.fixture
+async def server(settings: Settings) -> AsyncIterator[Cortex]:
+    async with running(settings) as app:
+        yield app
+
+
+class Client:
+    """A real `websockets` client with helpers to wait for events (never sleeps)."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.seen: list[dict[str, Any]] = []
+
+    async def send(self, **frame: Any) -> None:
+        await self.ws.send(json.dumps(frame))
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        event: dict[str, Any] = json.loads(raw)
+        self.seen.append(event)
+        return event
+
+    async def until(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = TIMEOUT
+    ) -> list[dict[str, Any]]:
+        """Every event up to and including the first one that matches."""
+        events: list[dict[str, Any]] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                event = await self.recv(timeout)
+                events.append(event)
+                if predicate(event):
+                    return events
+
+    async def until_type(self, kind: str, timeout: float = TIMEOUT) -> list[dict[str, Any]]:
+        return await self.until(lambda e: e["type"] == kind, timeout)
+
+    async def until_reply(self, timeout: float = TIMEOUT) -> list[dict[str, Any]]:
+        """Events up to typing off, which ends every reply."""
+        return await self.until(lambda e: e["type"] == "typing" and not e["active"], timeout)
+
+    async def request(self, **frame: Any) -> dict[str, Any]:
+        """Send a frame with a request_id and return the direct answer to it."""
+        rid = frame.setdefault("request_id", f"r{id(frame)}")
+        await self.send(**frame)
+        events = await self.until(lambda e: e.get("request_id") == rid)
+        return events[-1]
+
+
+@pytest.fixture
+async def connect_client(server: Cortex) -> AsyncIterator[Callable[..., Any]]:
+    clients: list[ClientConnection] = []
+
+    async def _connect(**kwargs: Any) -> Client:
+        ws = await connect(server.url, **kwargs)
+        clients.append(ws)
+        return Client(ws)
+
+    yield _connect
+    for ws in clients:
+        await ws.close()
+
+
+@pytest.fixture
+async def client(connect_client: Callable[..., Any]) -> Client:
+    result: Client = await connect_client()
+    return result
+
+
+@pytest.fixture
+async def http(server: Cortex) -> AsyncIterator[Callable[..., Any]]:
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{server.port}") as session:
+
+        async def get(path: str, **kwargs: Any) -> tuple[int, Any]:
+            async with session.get(path, **kwargs) as response:
+                body = await response.read()
+                ctype = response.headers.get("Content-Type", "")
+                return response.status, json.loads(body) if "json" in ctype else body
+
+        yield get
+
+
+def final_message(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last stored assistant message among the events."""
+    messages = [
+        e["message"]
+        for e in events
+        if e["type"] == "message"
+        and e["message"]["role"] == "assistant"
+        and e["message"]["status"] != "streaming"
+    ]
+    assert messages, f"no final assistant message in {[e['type'] for e in events]}"
+    return messages[-1]
+
+
+def deltas_text(events: list[dict[str, Any]]) -> str:
+    """Concatenate deltas, checking that every offset continues the text exactly."""
+    text = ""
+    for event in events:
+        if event["type"] == "delta":
+            assert event["offset"] == len(text), (event["offset"], len(text))
+            text += event["text"]
+    return text

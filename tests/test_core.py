@@ -1,0 +1,256 @@
+"""The core pipeline end to end: real server, real client, LiteLLM's HTTP path to a fake."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from conftest import Client, deltas_text, final_message, make_settings
+
+from cortex.app import Cortex, running
+from cortex.testing.fake_openai import FakeOpenAI, Reply
+
+
+async def test_reply_streams_to_sender_and_is_stored(
+    client: Client, provider: FakeOpenAI, http: Any
+) -> None:
+    provider.enqueue(Reply(text="The quick brown fox jumps over the lazy dog.", chunks=9))
+    await client.send(type="send", content="Tell me about foxes", request_id="a1")
+    ack = await client.until_type("ack")
+    assert ack[-1]["request_id"] == "a1" and ack[-1]["seq"] == 1
+    conversation_id = ack[-1]["conversation_id"]
+    events = await client.until_reply()
+    kinds = [e["type"] for e in events]
+    assert kinds.index("typing") < kinds.index("delta")
+    assert sum(1 for e in events if e["type"] == "delta") == 9
+    text = deltas_text(events)
+    assert text == "The quick brown fox jumps over the lazy dog."
+    final = final_message(events)
+    assert final["content"] == text and final["status"] == "complete"
+    assert final["usage"]["completion_tokens"] == 9 and final["usage"]["prompt_tokens"] > 0
+    status, page = await http(f"/api/conversations/{conversation_id}/messages")
+    assert status == 200
+    assert [(m["role"], m["content"]) for m in page["messages"]] == [
+        ("user", "Tell me about foxes"),
+        ("assistant", text),
+    ]
+
+
+async def test_two_clients_see_the_same_reply(connect_client: Any, provider: FakeOpenAI) -> None:
+    provider.enqueue(Reply(text="first"), Reply(text="one two three four five six", chunks=6))
+    alice: Client = await connect_client()
+    bob: Client = await connect_client()
+    await alice.send(type="send", content="hello")
+    conversation_id = (await alice.until_type("ack"))[-1]["conversation_id"]
+    await alice.until_reply()
+    await bob.send(type="subscribe", conversation_id=conversation_id)
+    await bob.send(type="ping", request_id="p")
+    await bob.until_type("pong")  # the subscription is in place once ping is answered
+    await alice.send(type="send", conversation_id=conversation_id, content="again")
+    seen_alice = await alice.until_reply()
+    seen_bob = await bob.until_reply()
+
+    def stream(events: list[dict[str, Any]]) -> list[Any]:
+        return [
+            (e["type"], e.get("active"), e.get("offset"), e.get("text"))
+            for e in events
+            if e["type"] in ("typing", "delta")
+        ]
+
+    assert stream(seen_alice) == stream(seen_bob)
+    assert stream(seen_bob)[0] == ("typing", True, None, None)
+    assert stream(seen_bob)[-1] == ("typing", False, None, None)
+    assert deltas_text(seen_bob) == "one two three four five six"
+    assert final_message(seen_bob) == final_message(seen_alice)
+    user_events = [e for e in seen_bob if e["type"] == "message" and e["message"]["role"] == "user"]
+    assert [e["message"]["content"] for e in user_events] == ["again"]
+
+
+async def test_history_over_ws_and_http_with_pagination(
+    client: Client, provider: FakeOpenAI, http: Any
+) -> None:
+    conversation_id = None
+    for i in range(3):
+        provider.enqueue(Reply(text=f"answer {i}"))
+        frame: dict[str, Any] = {"type": "send", "content": f"question {i}"}
+        if conversation_id:
+            frame["conversation_id"] = conversation_id
+        await client.send(**frame)
+        conversation_id = (await client.until_type("ack"))[-1]["conversation_id"]
+        await client.until_reply()
+    page = await client.request(type="history", conversation_id=conversation_id, limit=4)
+    assert page["type"] == "history" and page["has_more"] is True
+    assert [m["seq"] for m in page["messages"]] == [3, 4, 5, 6]
+    assert [m["content"] for m in page["messages"]] == [
+        "question 1",
+        "answer 1",
+        "question 2",
+        "answer 2",
+    ]
+    older = await client.request(
+        type="history", conversation_id=conversation_id, before_seq=3, limit=4
+    )
+    assert [m["seq"] for m in older["messages"]] == [1, 2] and older["has_more"] is False
+    status, body = await http(f"/api/conversations/{conversation_id}/messages?limit=4")
+    assert status == 200 and [m["seq"] for m in body["messages"]] == [3, 4, 5, 6]
+    assert body["has_more"] is True
+    status, body = await http(f"/api/conversations/{conversation_id}/messages?before_seq=3")
+    assert [m["content"] for m in body["messages"]] == ["question 0", "answer 0"]
+    status, body = await http("/api/conversations")
+    assert status == 200 and body["items"][0]["id"] == conversation_id
+    assert body["items"][0]["title"] == "question 0"
+    listing = await client.request(type="conversations")
+    assert [c["id"] for c in listing["items"]] == [conversation_id]
+    status, body = await http("/api/conversations/nope/messages")
+    assert status == 404 and body["error"]["code"] == "not_found"
+    status, body = await http("/api/conversations/x/messages?limit=abc")
+    assert status == 400
+
+
+async def test_second_message_sends_the_first_exchange(
+    client: Client, provider: FakeOpenAI
+) -> None:
+    provider.enqueue(Reply(text="Paris is the capital."), Reply(text="About 2 million."))
+    await client.send(type="send", content="Capital of France?")
+    conversation_id = (await client.until_type("ack"))[-1]["conversation_id"]
+    await client.until_reply()
+    await client.send(type="send", conversation_id=conversation_id, content="Population?")
+    await client.until_reply()
+    sent = provider.requests[-1]["messages"]
+    assert [(m["role"], m["content"]) for m in sent] == [
+        ("system", "You are a helpful assistant."),
+        ("user", "Capital of France?"),
+        ("assistant", "Paris is the capital."),
+        ("user", "Population?"),
+    ]
+    assert provider.requests[-1]["stream"] is True
+
+
+async def test_provider_failure_gives_error_and_keeps_user_message(
+    client: Client, provider: FakeOpenAI, http: Any
+) -> None:
+    provider.enqueue(Reply(status=500))
+    await client.send(type="send", content="will this work?")
+    conversation_id = (await client.until_type("ack"))[-1]["conversation_id"]
+    events = await client.until_reply()
+    errors = [e for e in events if e["type"] == "error"]
+    assert len(errors) == 1 and errors[0]["code"] == "provider_error"
+    assert errors[0]["conversation_id"] == conversation_id
+    assert final_message(events)["status"] == "error"
+    _, body = await http(f"/api/conversations/{conversation_id}/messages")
+    assert body["messages"][0]["content"] == "will this work?"
+    assert body["messages"][1]["error_code"] == "provider_error"
+    assert (await client.request(type="ping"))["type"] == "pong"
+
+
+async def test_bad_frames_get_typed_errors_and_the_connection_survives(
+    client: Client, server: Cortex
+) -> None:
+    cases: list[tuple[str | bytes, str]] = [
+        ("{not json", "bad_json"),
+        ("[1, 2]", "bad_frame"),
+        ('{"no_type": 1}', "bad_frame"),
+        ('{"type": "launch_rockets"}', "unknown_type"),
+        ('{"type": "send"}', "bad_frame"),
+        ('{"type": "send", "content": 5}', "bad_frame"),
+        ('{"type": "send", "content": "   "}', "bad_frame"),
+        ('{"type": "send", "content": "hi", "surprise": true}', "bad_frame"),
+        ('{"type": "history", "conversation_id": "x", "limit": 100000}', "bad_frame"),
+        ('{"type": "history", "conversation_id": "no-such-id"}', "not_found"),
+        ('{"type": "subscribe", "conversation_id": "no-such-id"}', "not_found"),
+        ('{"type": "send", "conversation_id": "no-such-id", "content": "hi"}', "not_found"),
+        ('{"type": "send", "content": "hi", "model": "gpt-evil"}', "bad_frame"),
+        (
+            '{"type": "send", "content": "' + "x" * (server.settings.max_message_chars + 1) + '"}',
+            "too_large",
+        ),
+        ('{"type": "ping", "request_id": "echo-me", "bogus": 1}', "bad_frame"),
+        (b"\x00\x01binary", "bad_frame"),
+        ("[" * 100_000 + "]" * 100_000, "bad_json"),
+    ]
+    for raw, code in cases:
+        await client.ws.send(raw)
+        error = (await client.until_type("error"))[-1]
+        assert error["code"] == code, (raw[:60], error)
+        assert error["message"]
+        assert (await client.request(type="ping"))["type"] == "pong"
+    assert error is not None
+    await client.ws.send('{"type": "ping", "request_id": "echo-me", "bogus": 1}')
+    assert (await client.until_type("error"))[-1]["request_id"] == "echo-me"
+
+
+async def test_oversize_frame_closes_with_1009(connect_client: Any, server: Cortex) -> None:
+    victim: Client = await connect_client()
+    other: Client = await connect_client()
+    await victim.ws.send("x" * (server.settings.max_frame_bytes + 10))
+    await victim.ws.wait_closed()
+    assert victim.ws.close_code == 1009
+    assert (await other.request(type="ping"))["type"] == "pong"
+
+
+async def test_mock_model_needs_no_network(tmp_path: Path) -> None:
+    from websockets.asyncio.client import connect
+
+    settings = make_settings(tmp_path, None, llm_api_base="http://127.0.0.1:9/unreachable")
+    assert settings.model({}) == "mock"
+    async with running(settings) as app, connect(app.url) as ws:
+        client = Client(ws)
+        await client.send(type="send", content="hello mock")
+        events = await client.until_reply()
+        final = final_message(events)
+        assert final["status"] == "complete" and 'You said: "hello mock"' in final["content"]
+        assert deltas_text(events) == final["content"]
+
+
+async def test_history_survives_a_restart(tmp_path: Path, provider: FakeOpenAI) -> None:
+    from websockets.asyncio.client import connect
+
+    settings = make_settings(tmp_path, provider)
+    provider.enqueue(Reply(text="remember me"))
+    async with running(settings) as app, connect(app.url) as ws:
+        client = Client(ws)
+        await client.send(type="send", content="first life")
+        conversation_id = (await client.until_type("ack"))[-1]["conversation_id"]
+        await client.until_reply()
+    async with running(settings) as app, connect(app.url) as ws:
+        page = await Client(ws).request(type="history", conversation_id=conversation_id)
+        assert [m["content"] for m in page["messages"]] == ["first life", "remember me"]
+        assert all(m["status"] == "complete" for m in page["messages"])
+
+
+async def test_health_and_page(http: Any) -> None:
+    status, body = await http("/healthz")
+    assert status == 200 and body == {"status": "ok"}
+    status, body = await http("/readyz")
+    assert status == 200
+    status, page = await http("/")
+    assert status == 200 and b"<html" in page.lower()
+    status, _ = await http("/static/../pyproject.toml")
+    assert status == 404
+    status, _ = await http("/nothing-here")
+    assert status == 404
+
+
+async def test_replies_of_one_conversation_come_in_order(
+    client: Client, provider: FakeOpenAI
+) -> None:
+    provider.enqueue(
+        Reply(text="slow first answer", chunks=3, chunk_delay=0.05), Reply(text="second answer")
+    )
+    await client.send(type="send", content="one")
+    conversation_id = (await client.until_type("ack"))[-1]["conversation_id"]
+    await client.send(type="send", conversation_id=conversation_id, content="two")
+    await client.until_reply()
+    events = await client.until_reply()
+    assert final_message(client.seen)["content"] == "second answer"
+    finals = [
+        e["message"]["content"]
+        for e in client.seen
+        if e["type"] == "message"
+        and e["message"]["role"] == "assistant"
+        and e["message"]["status"] == "complete"
+    ]
+    assert finals == ["slow first answer", "second answer"]
+    assert events
+    await asyncio.sleep(0)
