@@ -42,12 +42,16 @@ class Cortex:
         )
         self.http = HttpRoutes(self)
         self.server: Server | None = None
+        self._port: int | None = None
+        self.connections: set[Connection] = set()
 
     @property
     def port(self) -> int:
-        assert self.server is not None
-        sockname: Any = next(iter(self.server.sockets)).getsockname()
-        return int(sockname[1])
+        if self._port is None and self.server is not None:
+            sockname: Any = next(iter(self.server.sockets)).getsockname()
+            self._port = int(sockname[1])
+        assert self._port is not None, "the server is not started"
+        return self._port
 
     @property
     def url(self) -> str:
@@ -70,7 +74,15 @@ class Cortex:
         if owner is None:
             await ws.close(1008, "unauthorized")
             return
-        await Connection(self, ws, owner).serve()
+        if len(self.connections) >= self.settings.max_connections:
+            await ws.close(1013, "server is at its connection limit; try again later")
+            return
+        connection = Connection(self, ws, owner)
+        self.connections.add(connection)
+        try:
+            await connection.serve()
+        finally:
+            self.connections.discard(connection)
 
     async def start(self) -> None:
         await asyncio.to_thread(migrate, self.settings.database_url)
@@ -96,13 +108,14 @@ class Cortex:
 
     async def stop(self) -> None:
         """Stop accepting, let replies finish within the grace period, close clients (1001)."""
-        if self.server is not None:
-            self.server.close(close_connections=False)
+        server, self.server = self.server, None
+        if server is None:
+            return
+        server.server.close()  # stop listening; connections stay open while replies finish
         await self.router.drain(self.settings.shutdown_grace_s)
-        if self.server is not None:
-            self.server.close(close_connections=True)
-            with contextlib.suppress(Exception):
-                await self.server.wait_closed()
+        server.close(close_connections=True)  # 1001 going away to every client
+        with contextlib.suppress(Exception):
+            await server.wait_closed()
         await self.engine.dispose()
 
 

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     checkpoint_ms: int = Field(default=500, ge=10)
     history_page_max: int = Field(default=200, ge=1)
     send_queue_max: int = Field(default=1024, ge=8)
+    send_buffer_bytes: int = Field(default=8 * 1_048_576, ge=65_536)
+    rate_per_s: float = Field(default=20.0, gt=0)
+    rate_burst: int = Field(default=60, ge=1)
+    rate_strikes: int = Field(default=20, ge=1)
+    max_connections: int = Field(default=10_000, ge=1)
 
     max_tool_rounds: int = Field(default=5, ge=1, le=50)
     tool_timeout: float = Field(default=30.0, gt=0)

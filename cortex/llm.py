@@ -365,6 +365,10 @@ def _map_error(exc: Exception) -> ProviderError:
     status = getattr(exc, "status_code", None)
     if "Timeout" in name or isinstance(exc, TimeoutError):
         return ProviderTimeout(f"the model provider timed out ({name})")
+    if name == "MidStreamFallbackError":
+        # LiteLLM's name for a stream that broke after it started (a cut connection).
+        cause = getattr(exc, "original_exception", None) or exc
+        return ProviderError(f"the provider stream broke off: {type(cause).__name__}")
     text = str(getattr(exc, "message", "") or exc) or name
     text = " ".join(text.split())[:300]
     prefix = f"{name} {status}" if isinstance(status, int) else name

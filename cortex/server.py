@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from .errors import CortexError, Internal
+from .errors import CortexError, Internal, RateLimited
 from .protocol import (
     Ack,
     Cancel,
@@ -41,29 +42,53 @@ log = logging.getLogger("cortex.server")
 _ids = itertools.count(1)
 
 
+class TokenBucket:
+    """Per-connection frame rate: `rate` frames a second on average, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 class Connection:
     """One client socket as the hub sees it: `deliver()` queues, a writer task sends."""
 
     def __init__(self, app: Cortex, ws: ServerConnection, owner: str) -> None:
+        s = app.settings
         self.app = app
         self.ws = ws
         self.owner = owner
         self.id = next(_ids)
         self._queue: deque[str] = deque()
+        self._queued_chars = 0
         self._wakeup = asyncio.Event()
-        self._limit = app.settings.send_queue_max
+        self._max_frames = s.send_queue_max
+        self._max_chars = s.send_buffer_bytes
+        self._bucket = TokenBucket(s.rate_per_s, s.rate_burst)
+        self._strikes = 0
         self.closing = False
-
-    def __hash__(self) -> int:
-        return self.id
 
     def deliver(self, frame: str) -> None:
         if self.closing:
             return
-        if len(self._queue) >= self._limit:
+        queue = self._queue
+        if queue and (len(queue) >= self._max_frames or self._queued_chars > self._max_chars):
+            # The client does not read what it is sent: drop it rather than buffer forever.
             self.close(CloseCode.TRY_AGAIN_LATER, "slow reader: too many unsent events")
             return
-        self._queue.append(frame)
+        queue.append(frame)
+        self._queued_chars += len(frame)
         self._wakeup.set()
 
     def close(self, code: int, reason: str) -> None:
@@ -85,6 +110,7 @@ class Connection:
                     await self._wakeup.wait()
                     continue
                 frame = queue.popleft()
+                self._queued_chars -= len(frame)
                 await ws.send(frame)
         except ConnectionClosed:
             pass
@@ -108,6 +134,14 @@ class Connection:
     async def dispatch(self, raw: str | bytes) -> None:
         request_id: str | None = None
         conversation_id: str | None = None
+        if not self._bucket.take():
+            self._strikes += 1
+            if self._strikes >= self.app.settings.rate_strikes:
+                self.close(CloseCode.POLICY_VIOLATION, "flood: too many frames")
+            else:
+                self.send_error(RateLimited("too many frames; slow down"), request_id_of(raw), None)
+            return
+        self._strikes = 0
         try:
             frame = parse_frame(raw, max_message_chars=self.app.settings.max_message_chars)
             request_id = frame.request_id

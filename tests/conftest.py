@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator, Callable
@@ -57,6 +58,18 @@ async def server(settings: Settings) -> AsyncIterator[Cortex]:
         yield app
 
 
+@pytest.fixture
+async def start_server(tmp_path: Path, provider: FakeOpenAI) -> AsyncIterator[Callable[..., Any]]:
+    """Start a server with settings overrides: `app = await start_server(rate_burst=5)`."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def _start(**overrides: Any) -> Cortex:
+            settings = make_settings(tmp_path, provider, **overrides)
+            return await stack.enter_async_context(running(settings))
+
+        yield _start
+
+
 class Client:
     """A real `websockets` client with helpers to wait for events (never sleeps)."""
 
@@ -101,17 +114,29 @@ class Client:
 
 
 @pytest.fixture
-async def connect_client(server: Cortex) -> AsyncIterator[Callable[..., Any]]:
+async def connect_to() -> AsyncIterator[Callable[..., Any]]:
+    """Connect a client to a given server; every client is closed after the test."""
     clients: list[ClientConnection] = []
 
-    async def _connect(**kwargs: Any) -> Client:
-        ws = await connect(server.url, **kwargs)
+    async def _connect(app: Cortex, **kwargs: Any) -> Client:
+        ws = await connect(app.url, **kwargs)
         clients.append(ws)
         return Client(ws)
 
     yield _connect
     for ws in clients:
         await ws.close()
+
+
+@pytest.fixture
+def connect_client(server: Cortex, connect_to: Callable[..., Any]) -> Callable[..., Any]:
+    """Connect a client to the default `server` fixture."""
+
+    async def _connect(**kwargs: Any) -> Client:
+        result: Client = await connect_to(server, **kwargs)
+        return result
+
+    return _connect
 
 
 @pytest.fixture
@@ -131,6 +156,13 @@ async def http(server: Cortex) -> AsyncIterator[Callable[..., Any]]:
                 return response.status, json.loads(body) if "json" in ctype else body
 
         yield get
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = TIMEOUT) -> None:
+    """Wait until `predicate()` is true: for server-side state no event announces."""
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110 - polls state, not a stand-in for an event
+            await asyncio.sleep(0.02)
 
 
 def final_message(events: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,194 @@
+// DOM for one message. Untrusted text only ever reaches the page as text nodes or through the
+// Markdown renderer (which builds nodes itself); nothing here touches innerHTML.
+
+import { h, icon } from "./dom.js";
+import { renderMarkdown } from "./markdown.js";
+
+const STATUS_NOTES = {
+  cancelled: "Stopped",
+  interrupted: "Interrupted: the server stopped before this reply was finished.",
+};
+
+const ERROR_TEXT = {
+  provider_error: "The model provider returned an error.",
+  provider_timeout: "The model provider did not answer in time.",
+  tool_error: "A tool failed.",
+  rate_limited: "Too many messages; wait a moment.",
+  internal: "Something went wrong on the server.",
+};
+
+const shown = new WeakMap(); // <li> -> the message it shows (for the copy button)
+
+/** A new, empty list item for `msg`; fill it with updateMessage(). */
+export function createMessage(msg) {
+  const li = h("li", { class: `msg msg-${msg.kind}`, dataset: { id: msg.id } });
+  if (msg.kind === "user") {
+    li.append(
+      h("h3", { class: "sr-only", text: "You said:" }),
+      h("div", { class: "bubble" }, h("div", { class: "user-text" })),
+      h("div", { class: "msg-foot" }),
+    );
+  } else if (msg.kind === "notice") {
+    li.setAttribute("role", "alert");
+    li.append(
+      h(
+        "div",
+        { class: "notice" },
+        h("span", { class: "error-code" }),
+        h("span", { class: "notice-text" }),
+      ),
+    );
+  } else {
+    li.append(
+      h("div", { class: "avatar", "aria-hidden": "true" }, h("span", { text: "C" })),
+      h(
+        "div",
+        { class: "msg-body" },
+        h("h3", { class: "sr-only", text: "Cortex said:" }),
+        h("div", { class: "md" }),
+        h("div", { class: "tools" }),
+        h("div", { class: "msg-foot" }),
+        h(
+          "div",
+          { class: "msg-actions" },
+          h(
+            "button",
+            {
+              type: "button",
+              class: "action-btn",
+              title: "Copy reply",
+              onclick: (event) => copyReply(li, event.currentTarget),
+            },
+            icon("copy"),
+            h("span", { class: "action-label", text: "Copy" }),
+          ),
+        ),
+      ),
+    );
+  }
+  return li;
+}
+
+/**
+ * Bring `li` up to date with `msg`. `tools` is the list of tool calls to show under it:
+ * [{id, name, arguments, state: running|ok|error, result, error}].
+ */
+export function updateMessage(li, msg, tools) {
+  shown.set(li, msg);
+  li.dataset.id = msg.id;
+  li.dataset.status = msg.status || "";
+  if (msg.seq !== undefined && msg.seq !== null) li.dataset.seq = String(msg.seq);
+  if (msg.kind === "user") {
+    const text = li.querySelector(".user-text");
+    if (text.textContent !== msg.content) text.textContent = msg.content;
+    const foot = li.querySelector(".msg-foot");
+    foot.replaceChildren();
+    if (msg.local) {
+      foot.append(
+        msg.failed
+          ? h("span", { class: "error-code", text: msg.failed.code })
+          : h("span", { class: "muted", text: msg.retrying ? "Waiting for the connection…" : "Sending…" }),
+      );
+      if (msg.failed) foot.append(" ", h("span", { text: msg.failed.message }));
+    }
+    li.classList.toggle("pending", Boolean(msg.local && !msg.failed));
+    return;
+  }
+  if (msg.kind === "notice") {
+    li.querySelector(".error-code").textContent = msg.code;
+    li.querySelector(".notice-text").textContent = msg.content;
+    return;
+  }
+  const md = li.querySelector(".md");
+  const content = msg.kind === "tool" ? "" : msg.content;
+  if (msg.renderedContent !== content) {
+    md.replaceChildren(renderMarkdown(content));
+    msg.renderedContent = content;
+  }
+  md.hidden = !content;
+  li.setAttribute("aria-busy", msg.status === "streaming" ? "true" : "false");
+  renderTools(li.querySelector(".tools"), tools);
+  const foot = li.querySelector(".msg-foot");
+  foot.replaceChildren();
+  if (msg.kind === "tool") {
+    // the tool's own outcome is shown in its folded details
+  } else if (msg.status === "error" || msg.error_code) {
+    foot.append(
+      h("span", { class: "error-code", text: msg.error_code || "error" }),
+      " ",
+      h("span", { text: msg.errorText || ERROR_TEXT[msg.error_code] || "The reply failed." }),
+    );
+  } else if (STATUS_NOTES[msg.status]) {
+    foot.append(h("span", { class: "muted", text: STATUS_NOTES[msg.status] }));
+  }
+  foot.hidden = !foot.firstChild;
+  li.querySelector(".msg-actions").hidden =
+    msg.kind !== "assistant" || !content || msg.status === "streaming";
+}
+
+async function copyReply(li, button) {
+  const msg = shown.get(li);
+  const label = button.querySelector(".action-label");
+  try {
+    await navigator.clipboard.writeText(msg ? msg.content : "");
+    label.textContent = "Copied";
+  } catch {
+    label.textContent = "Copy failed";
+  }
+  setTimeout(() => {
+    label.textContent = "Copy";
+  }, 1500);
+}
+
+function renderTools(container, tools) {
+  const open = new Set();
+  for (const d of container.querySelectorAll("details[open]")) open.add(d.dataset.callId);
+  container.replaceChildren();
+  container.hidden = tools.length === 0;
+  for (const tool of tools) {
+    const state = tool.state || "running";
+    const stateText = { running: "Running…", ok: "Done", error: "Failed" }[state];
+    const summary = h(
+      "summary",
+      null,
+      icon("tool"),
+      h("span", null, "Used ", h("code", { text: tool.name || "tool" })),
+      h("span", { class: `tool-state tool-${state}`, text: stateText }),
+    );
+    const body = h("div", { class: "tool-body" });
+    body.append(h("div", { class: "tool-label", text: "Arguments" }), pre(pretty(tool.arguments)));
+    if (state !== "running") {
+      body.append(
+        h("div", { class: "tool-label", text: state === "error" ? "Error" : "Result" }),
+        pre(state === "error" ? tool.error || pretty(tool.result) : pretty(tool.result)),
+      );
+    }
+    const details = h(
+      "details",
+      { class: "tool", dataset: { callId: tool.id }, open: open.has(tool.id) },
+      summary,
+      body,
+    );
+    container.append(details);
+  }
+}
+
+function pre(text) {
+  return h("pre", null, h("code", null, text));
+}
+
+function pretty(value) {
+  if (value === undefined || value === null) return "";
+  if (typeof value === "string") {
+    try {
+      return JSON.stringify(JSON.parse(value), null, 2);
+    } catch {
+      return value;
+    }
+  }
+  try {
+    return JSON.stringify(value, null, 2);
+  } catch {
+    return String(value);
+  }
+}

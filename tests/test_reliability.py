@@ -1,0 +1,251 @@
+"""Promises 1-3 of DESIGN.md: nothing lost, nothing doubled, the server survives everything."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from conftest import TIMEOUT, Client, deltas_text, eventually, final_message
+from websockets.exceptions import ConnectionClosed
+
+from cortex.testing.fake_openai import FakeOpenAI, Reply
+
+LONG = " ".join(f"word{i}" for i in range(60))
+
+
+async def _start_reply(client: Client, content: str = "go") -> str:
+    await client.send(type="send", content=content)
+    conversation_id: str = (await client.until_type("ack"))[-1]["conversation_id"]
+    return conversation_id
+
+
+async def _messages(app: Any, conversation_id: str) -> list[Any]:
+    rows, _ = await app.store.messages(conversation_id, limit=200)
+    return rows
+
+
+async def test_resume_mid_reply_has_no_gap_and_no_repeat(
+    connect_client: Any, provider: FakeOpenAI, server: Any
+) -> None:
+    provider.enqueue(Reply(text=LONG, chunk_delay=0.02))
+    first: Client = await connect_client()
+    conversation_id = await _start_reply(first)
+    await first.until(lambda e: e["type"] == "delta" and e["offset"] > 40)
+    await first.ws.close()  # the client drops mid-reply ...
+    late: Client = await connect_client()
+    await late.send(type="subscribe", conversation_id=conversation_id, after_seq=1)
+    events = await late.until_reply()
+    # ... and a new connection gets the streaming row, the text so far at offset 0, then live.
+    assert events[0]["type"] == "message" and events[0]["message"]["status"] == "streaming"
+    deltas = [e for e in events if e["type"] == "delta"]
+    assert deltas[0]["offset"] == 0 and len(deltas[0]["text"]) > 40
+    assert deltas_text(events) == LONG
+    assert final_message(events)["content"] == LONG
+
+
+async def test_reply_completes_after_every_client_left(
+    client: Client, provider: FakeOpenAI, server: Any
+) -> None:
+    provider.enqueue(Reply(text=LONG, chunk_delay=0.01))
+    conversation_id = await _start_reply(client)
+    await client.until_type("delta")
+    await client.ws.close()
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            rows = await _messages(server, conversation_id)
+            if rows[-1].status != "streaming":
+                break
+            await asyncio.sleep(0.05)
+    assert rows[-1].status == "complete" and rows[-1].content == LONG
+
+
+async def test_same_client_msg_id_stores_one_message_and_one_reply(
+    client: Client, provider: FakeOpenAI, server: Any
+) -> None:
+    provider.enqueue(Reply(text="only once", chunk_delay=0.02))
+    await client.send(type="send", content="hello", client_msg_id="m-1")
+    ack1 = (await client.until_type("ack"))[-1]
+    await client.send(type="send", content="hello", client_msg_id="m-1")
+    ack2 = (await client.until_type("ack"))[-1]
+    assert (ack1["message_id"], ack1["seq"], ack1["conversation_id"]) == (
+        ack2["message_id"],
+        ack2["seq"],
+        ack2["conversation_id"],
+    )
+    await client.until_reply()
+    cid = ack1["conversation_id"]
+    await client.send(type="send", conversation_id=cid, content="hello", client_msg_id="m-1")
+    ack3 = (await client.until_type("ack"))[-1]
+    assert ack3["message_id"] == ack1["message_id"]
+    rows = await _messages(server, cid)
+    assert [(r.role, r.content) for r in rows] == [("user", "hello"), ("assistant", "only once")]
+    assert len(provider.requests) == 1
+
+
+async def test_conversations_reply_concurrently(connect_client: Any, provider: FakeOpenAI) -> None:
+    provider.default = Reply(text="a b c d e f g h", chunk_delay=0.05)
+    a: Client = await connect_client()
+    b: Client = await connect_client()
+    await _start_reply(a)
+    await _start_reply(b)
+    await a.until_type("delta")
+    await b.until_type("delta")
+    assert provider.active_requests == 2  # both streams are open at once
+    await a.until_reply()
+    await b.until_reply()
+
+
+async def test_cancel_stores_partial_text_and_closes_the_stream(
+    client: Client, provider: FakeOpenAI, server: Any
+) -> None:
+    provider.enqueue(Reply(text=LONG, chunk_delay=0.05), Reply(text="next one"))
+    conversation_id = await _start_reply(client)
+    await client.until(lambda e: e["type"] == "delta" and e["offset"] > 10)
+    await client.send(type="cancel", conversation_id=conversation_id)
+    events = await client.until_reply()
+    final = final_message(events)
+    assert final["status"] == "cancelled"
+    assert 10 < len(final["content"]) < len(LONG) and LONG.startswith(final["content"])
+    await eventually(lambda: provider.active_requests == 0)
+    rows = await _messages(server, conversation_id)
+    assert rows[-1].status == "cancelled" and rows[-1].content == final["content"]
+    # The conversation goes on after a cancel.
+    await client.send(type="send", conversation_id=conversation_id, content="again")
+    assert final_message(await client.until_reply())["content"] == "next one"
+
+
+async def test_retries_429_then_succeeds(
+    start_server: Any, connect_to: Any, provider: FakeOpenAI
+) -> None:
+    app = await start_server(num_retries=2)
+    provider.enqueue(Reply(status=429), Reply(status=503), Reply(text="third time lucky"))
+    client: Client = await connect_to(app)
+    await _start_reply(client)
+    events = await client.until_reply(timeout=TIMEOUT * 3)
+    assert final_message(events)["content"] == "third time lucky"
+    assert not [e for e in events if e["type"] == "error"]
+    assert len(provider.requests) == 3
+
+
+async def test_fallback_model_answers_when_the_model_fails(
+    start_server: Any, connect_to: Any, provider: FakeOpenAI
+) -> None:
+    app = await start_server(fallback_models=["openai/backup-model"])
+    provider.responder = lambda body: (
+        Reply(status=500) if body["model"] == "fake-model" else Reply(text="from the backup")
+    )
+    client: Client = await connect_to(app)
+    await _start_reply(client)
+    events = await client.until_reply(timeout=TIMEOUT * 3)
+    assert final_message(events)["content"] == "from the backup"
+    assert [r["model"] for r in provider.requests][-1] == "backup-model"
+
+
+async def test_stall_between_chunks_times_out(
+    start_server: Any, connect_to: Any, provider: FakeOpenAI
+) -> None:
+    app = await start_server(stream_idle_timeout=0.3)
+    provider.enqueue(Reply(text=LONG, stall_after=5))
+    client: Client = await connect_to(app)
+    conversation_id = await _start_reply(client)
+    events = await client.until_reply()
+    assert [e["code"] for e in events if e["type"] == "error"] == ["provider_timeout"]
+    final = final_message(events)
+    assert final["status"] == "error" and final["error_code"] == "provider_timeout"
+    assert final["content"] == deltas_text(events) and final["content"]
+    rows = await _messages(app, conversation_id)
+    assert rows[-1].content == final["content"]
+
+
+async def test_cut_mid_stream_stores_partial_text(
+    client: Client, provider: FakeOpenAI, server: Any
+) -> None:
+    provider.enqueue(Reply(text=LONG, cut_after=7))
+    conversation_id = await _start_reply(client)
+    events = await client.until_reply()
+    errors = [e for e in events if e["type"] == "error"]
+    assert [e["code"] for e in errors] == ["provider_error"]
+    final = final_message(events)
+    assert final["status"] == "error" and final["error_code"] == "provider_error"
+    assert final["content"] == deltas_text(events) and LONG.startswith(final["content"])
+    rows = await _messages(server, conversation_id)
+    assert rows[0].content == "go" and rows[-1].status == "error"
+
+
+async def test_graceful_shutdown_interrupts_long_replies_and_closes_1001(
+    start_server: Any, connect_to: Any, provider: FakeOpenAI
+) -> None:
+    app = await start_server(shutdown_grace_s=0.3)
+    provider.enqueue(Reply(text=LONG * 10, chunk_delay=0.02))
+    client: Client = await connect_to(app)
+    conversation_id = await _start_reply(client)
+    await client.until_type("delta")
+    await app.stop()
+    with pytest.raises(ConnectionClosed):
+        while True:
+            await client.recv()
+    assert client.ws.close_code == 1001
+    from cortex.store import Store, make_engine
+
+    engine = make_engine(app.settings)
+    try:
+        rows, _ = await Store(engine).messages(conversation_id)
+    finally:
+        await engine.dispose()
+    assert rows[-1].status == "interrupted" and rows[-1].content
+    assert rows[0].content == "go"
+
+
+async def test_flood_gets_rate_limited_then_closed(start_server: Any, connect_to: Any) -> None:
+    app = await start_server(rate_per_s=1, rate_burst=5, rate_strikes=10)
+    flooder: Client = await connect_to(app)
+    bystander: Client = await connect_to(app)
+    for _ in range(30):
+        try:
+            await flooder.ws.send(json.dumps({"type": "ping"}))
+        except ConnectionClosed:
+            break
+    codes: list[str] = []
+    with pytest.raises(ConnectionClosed):
+        while True:
+            event = await flooder.recv()
+            if event["type"] == "error":
+                codes.append(event["code"])
+    assert codes and set(codes) == {"rate_limited"}
+    assert flooder.ws.close_code == 1008
+    assert (await bystander.request(type="ping"))["type"] == "pong"
+
+
+async def test_connection_limit_closes_with_1013(start_server: Any, connect_to: Any) -> None:
+    app = await start_server(max_connections=2)
+    first: Client = await connect_to(app)
+    await connect_to(app)
+    assert (await first.request(type="ping"))["type"] == "pong"
+    third: Client = await connect_to(app)
+    with pytest.raises(ConnectionClosed):
+        await third.recv()
+    assert third.ws.close_code == 1013
+
+
+async def test_slow_reader_is_dropped_and_others_go_on(
+    start_server: Any, connect_to: Any, provider: FakeOpenAI
+) -> None:
+    app = await start_server(send_buffer_bytes=65_536, rate_burst=1000, rate_per_s=1000)
+    writer: Client = await connect_to(app)
+    provider.default = Reply(text="ok")
+    conversation_id = await _start_reply(writer, "x" * 30_000)
+    await writer.until_reply()
+    # A client that asks for a lot and never reads (its socket buffers fill up).
+    before = set(app.connections)
+    slow: Client = await connect_to(app, max_queue=1)
+    (server_side,) = set(app.connections) - before
+    frame = json.dumps({"type": "history", "conversation_id": conversation_id})
+    for _ in range(600):
+        await slow.ws.send(frame)
+    await eventually(lambda: server_side not in app.connections, TIMEOUT * 2)
+    close_frame = server_side.ws.protocol.close_sent
+    assert close_frame is not None and close_frame.code == 1013
+    # The server gave up on the slow client; the writer is still served.
+    assert (await writer.request(type="ping"))["type"] == "pong"
