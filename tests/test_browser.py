@@ -82,16 +82,21 @@ class Tab:
 
 
 @pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
+def chromium() -> Path:
     if not CHROMIUM.exists():
         pytest.fail(
             f"Chromium is not installed at {CHROMIUM}: run `apt-get install -y chromium` "
             "(these tests drive Debian's Chromium and never download a browser)",
             pytrace=False,
         )
+    return CHROMIUM
+
+
+@pytest.fixture
+async def browser(chromium: Path) -> AsyncIterator[Browser]:
     async with async_playwright() as pw:
         instance = await pw.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+            executable_path=str(chromium), headless=True, args=CHROMIUM_ARGS
         )
         try:
             yield instance
@@ -350,16 +355,19 @@ async def test_dropped_socket_resumes_and_policy_close_asks_for_token(
 
 async def test_stop_cancels_the_reply(open_tab: OpenTab, provider: FakeOpenAI, http: Any) -> None:
     text = words(300)
-    provider.enqueue(Reply(text=text, chunks=300, chunk_delay=0.02))
+    provider.enqueue(Reply(text=text, chunks=300, chunk_delay=0.02, first_chunk_delay=0.3))
     page = (await open_tab()).page
     await send(page, "write a lot")
     conv_id = await wait_conversation_id(page)
     stop = page.locator("#stop")
     await expect(stop).to_be_visible()
+    # Typing dots until the first words arrive, then the text itself shows progress.
+    await expect(page.locator("#typing")).to_be_visible()
     await page.wait_for_function(
         "() => (document.querySelector('#messages .msg-assistant .md')?.textContent ?? '')"
         ".length > 20"
     )
+    await expect(page.locator("#typing")).to_be_hidden()
     await stop.focus()
     await page.keyboard.press("Enter")  # keyboard alone
     await expect(last_reply(page)).to_have_attribute("data-status", "cancelled")
@@ -458,6 +466,7 @@ async def test_phone_width_and_keyboard(open_tab: OpenTab, provider: FakeOpenAI)
     await page.keyboard.press("Enter")
     await expect(last_reply(page)).to_have_attribute("data-status", "complete")
     await expect(last_reply(page).locator(".md")).to_have_text("Short answer.")
+    await expect(page.locator("#live")).to_have_text("Cortex replied: Short answer.")
     width = await page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390
     # The conversation list is a drawer: open, listed, closed with Escape.
@@ -486,7 +495,9 @@ async def test_markdown_renderer_cases(open_tab: OpenTab) -> None:
             "<ol><li>one</li><li>two<ul><li>nested</li></ul></li></ol>"
         ),
         "3. three": '<ol start="3"><li>three</li></ol>',
-        "- [x] done": '<ul><li class="task"><input type="checkbox" disabled="" checked=""> done</li></ul>',
+        "- [x] done": (
+            '<ul><li class="task"><input type="checkbox" disabled="" checked=""> done</li></ul>'
+        ),
         "> quoted": "<blockquote><p>quoted</p></blockquote>",
         "---": "<hr>",
         "| a | b |\n|---|--:|\n| 1 | 2 |": (

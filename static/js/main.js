@@ -804,7 +804,7 @@ ui.tokenForm.addEventListener("submit", (event) => {
 ui.tokenCancel.addEventListener("click", hideTokenForm);
 ui.tokenOpen.addEventListener("click", () => {
   closeDrawer(false);
-  showTokenForm(false);
+  showTokenForm(false, "Enter the access token for this server, if it needs one.");
 });
 
 // ---- layout and input -----------------------------------------------------------------------
