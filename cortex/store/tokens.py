@@ -45,13 +45,19 @@ class TokenStore:
         async with self._tx() as session:
             return (await session.scalars(query.limit(1))).first()
 
-    async def revoke(self, token_id: int) -> Token | None:
-        """Mark a token revoked (the first revocation time is kept). None: no such token."""
+    async def revoke(self, token_id: int) -> tuple[Token, bool] | None:
+        """Mark a token revoked: (token, whether this call revoked it). None: no such token.
+
+        Revoking twice keeps the first revocation time.
+        """
         async with self._tx() as session:
             token = await session.get(Token, token_id)
-            if token is not None and token.revoked_at is None:
-                token.revoked_at = utcnow()
-            return token
+            if token is None:
+                return None
+            if token.revoked_at is not None:
+                return token, False
+            token.revoked_at = utcnow()
+            return token, True
 
     async def touch(self, token_id: int) -> None:
         async with self._tx() as session:
