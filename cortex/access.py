@@ -223,7 +223,8 @@ def _loopback_name(name: str | None) -> bool:
 _SECRETS = (
     (re.compile(r"(?i)(access_token=)[^&\s#\"']*"), r"\1[redacted]"),
     (re.compile(r"(?i)(authorization\s*[:=]\s*)[^\n]*"), r"\1[redacted]"),
-    (re.compile(r"(?i)\b(bearer\s+)[^\s,;\"']+"), r"\1[redacted]"),
+    # Token-like values only (tokens are 32+ characters), so "bearer tokens" stays readable.
+    (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=:-]{16,}"), r"\1[redacted]"),
     (re.compile(r"ctx_[A-Za-z0-9_-]{8,}"), "ctx_[redacted]"),
 )
 

@@ -137,6 +137,8 @@ def test_scrub() -> None:
         assert token[4:20] not in scrub(line)
     assert scrub("GET /ws?a=1&access_token=x&b=2").endswith("access_token=[redacted]&b=2")
     assert scrub("nothing to see") == "nothing to see"
+    for prose in ("bearer tokens required", 'WWW-Authenticate: Bearer realm="cortex"'):
+        assert scrub(prose) == prose
 
 
 def test_scrubber_filter_rewrites_messages_and_tracebacks() -> None:
