@@ -7,22 +7,28 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
+from weakref import WeakKeyDictionary
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
+from .access import Gate, OriginPolicy, scrubbed_logger
+from .auth import LOCAL_USER, Authenticator, Principal, auth_required, parse_env_tokens
 from .config import Settings
+from .errors import CortexError
 from .hub import Hub
 from .llm import LlmService
 from .router import Router
 from .server import Connection
-from .store import Store, make_engine, migrate
+from .store import Store, TokenStore, make_engine, migrate
 from .tools import ToolRegistry, build_registry
-from .web import HttpRoutes
+from .web import WS_PATH, HttpRoutes
 
 log = logging.getLogger("cortex")
 
-LOCAL_USER = "local"
+__all__ = ["LOCAL_USER", "Cortex", "running"]
 
 
 class Cortex:
@@ -41,9 +47,15 @@ class Cortex:
             settings=settings, store=self.store, llm=self.llm, hub=self.hub, tools=self.tools
         )
         self.http = HttpRoutes(self)
+        self.tokens = TokenStore(self.engine)
+        self.gate: Gate | None = None  # built in start(): it reads the tokens table
+        # Who each handshake authenticated as, from process_request() until the handler runs.
+        self._handshakes: WeakKeyDictionary[ServerConnection, Principal] = WeakKeyDictionary()
+        # Open connections and who they speak for (the connection limit counts these).
+        self.connections: dict[Connection, Principal] = {}
+        self._recheck: asyncio.Task[None] | None = None
         self.server: Server | None = None
         self._port: int | None = None
-        self.connections: set[Connection] = set()
 
     @property
     def port(self) -> int:
@@ -60,32 +72,76 @@ class Cortex:
     async def ready(self) -> bool:
         return await self.store.ping()
 
-    def owner_of(self, request: Request) -> str | None:
-        """The user a request speaks for (auth comes in its own module)."""
-        return LOCAL_USER
+    async def build_gate(self) -> Gate:
+        """Read the access settings and the tokens table; refuse (AuthConfigError) if unsafe."""
+        s = self.settings
+        env = parse_env_tokens(s.auth_tokens.get_secret_value()) if s.auth_tokens else {}
+        origins = OriginPolicy(s.allowed_origins)
+        stored = await self.tokens.count_active()
+        required = auth_required(s, env_tokens=len(env), stored_tokens=stored)
+        authenticator = Authenticator(required=required, env_tokens=env, store=self.tokens)
+        return Gate(authenticator, origins, loopback_hosts_only=not required and s.auth == "auto")
 
     async def process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
-        return await self.http.handle(request, self.owner_of(request))
+        """HTTP routes, and the access check of every `/ws` and `/api/` request."""
+        assert self.gate is not None
+        path = urlsplit(request.path).path
+        if path != WS_PATH and not path.startswith("/api/"):
+            return await self.http.handle(request, None)  # public: page, static files, health
+        verdict = await self.gate.check(request, _remote(connection), websocket=path == WS_PATH)
+        if isinstance(verdict, Response):
+            return verdict
+        response = await self.http.handle(request, verdict.user)
+        if response is None:
+            self._handshakes[connection] = verdict  # the upgrade goes on; handle() picks it up
+        return response
 
     async def handle(self, ws: ServerConnection) -> None:
-        owner = self.owner_of(ws.request) if ws.request is not None else None
-        if owner is None:
-            await ws.close(1008, "unauthorized")
+        principal = self._handshakes.pop(ws, None)
+        if principal is None:  # fail closed: every upgrade must have passed the gate
+            await ws.close(CloseCode.POLICY_VIOLATION, "unauthorized")
             return
         if len(self.connections) >= self.settings.max_connections:
-            await ws.close(1013, "server is at its connection limit; try again later")
+            await ws.close(CloseCode.TRY_AGAIN_LATER, "server is at its connection limit")
             return
-        connection = Connection(self, ws, owner)
-        self.connections.add(connection)
+        connection = Connection(self, ws, principal.user)
+        self.connections[connection] = principal
         try:
             await connection.serve()
         finally:
-            self.connections.discard(connection)
+            self.connections.pop(connection, None)
+
+    async def _recheck_tokens(self) -> None:
+        """Close sessions whose stored token was revoked after they connected.
+
+        New handshakes see a revocation at once; open sockets are checked every
+        `auth_recheck_s`, since the CLI that revokes runs in another process.
+        """
+        while True:
+            await asyncio.sleep(self.settings.auth_recheck_s)
+            ids = {p.token_id for p in self.connections.values() if p.token_id is not None}
+            if not ids:
+                continue
+            try:
+                revoked = await self.tokens.revoked_among(ids)
+            except CortexError:
+                log.warning("could not check open sessions for revoked tokens", exc_info=True)
+                continue
+            for connection, principal in list(self.connections.items()):
+                if principal.token_id in revoked:
+                    log.info(
+                        "closing connection %d of user %s: token %d was revoked",
+                        connection.id,
+                        principal.user,
+                        principal.token_id,
+                    )
+                    connection.close(CloseCode.POLICY_VIOLATION, "token revoked")
 
     async def start(self) -> None:
         await asyncio.to_thread(migrate, self.settings.database_url)
+        self.gate = await self.build_gate()
         recovered = await self.store.recover_interrupted()
         if recovered:
             log.warning(
@@ -104,13 +160,21 @@ class Cortex:
             ping_interval=20,
             ping_timeout=20,
             server_header=None,
+            # websockets logs request paths (a browser's token is in the query) and, at DEBUG,
+            # every header (Authorization): its logger scrubs tokens out.
+            logger=scrubbed_logger("websockets.server"),
         )
+        if self.gate.authenticator.required:
+            self._recheck = asyncio.create_task(self._recheck_tokens(), name="auth-recheck")
 
     async def stop(self) -> None:
         """Stop accepting, let replies finish within the grace period, close clients (1001)."""
         server, self.server = self.server, None
         if server is None:
             return
+        if self._recheck is not None:
+            self._recheck.cancel()
+            await asyncio.gather(self._recheck, return_exceptions=True)
         server.server.close()  # stop listening; connections stay open while replies finish
         await self.router.drain(self.settings.shutdown_grace_s)
         server.close(close_connections=True)  # 1001 going away to every client
@@ -123,8 +187,17 @@ class Cortex:
 async def running(settings: Settings, *, llm: LlmService | None = None) -> AsyncIterator[Cortex]:
     """Start a Cortex server for the duration of the block (tests and `cortex serve`)."""
     app = Cortex(settings, llm=llm)
-    await app.start()
+    try:
+        await app.start()
+    except BaseException:
+        await app.engine.dispose()  # e.g. refused to start (AuthConfigError)
+        raise
     try:
         yield app
     finally:
         await app.stop()
+
+
+def _remote(connection: ServerConnection) -> str:
+    address: Any = connection.remote_address
+    return str(address[0]) if isinstance(address, tuple) and address else "unknown"

@@ -1,4 +1,4 @@
-"""`cortex serve | migrate | chat`: the command line. Settings are built here, once."""
+"""`cortex serve | migrate | chat | token`: the command line. Settings are built here, once."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from . import __version__
+from .access import TokenScrubber
+from .auth import AuthConfigError
 from .config import MOCK_MODEL, Settings
 
 
@@ -26,9 +30,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     chat_cmd.add_argument("--url", help="WebSocket URL (default: ws://CORTEX_HOST:CORTEX_PORT/ws)")
     chat_cmd.add_argument("--conversation", help="continue this conversation id")
     chat_cmd.add_argument("--token", help="bearer token (or CORTEX_TOKEN)")
+    token_cmd = commands.add_parser("token", help="create, list and revoke API tokens")
+    token_actions = token_cmd.add_subparsers(dest="action", required=True)
+    create_cmd = token_actions.add_parser("create", help="create a token for USER (shown once)")
+    create_cmd.add_argument("user", metavar="USER")
+    create_cmd.add_argument("--name", default="", help="a label, e.g. the device it is for")
+    token_actions.add_parser("list", help="list tokens (never the tokens themselves)")
+    revoke_cmd = token_actions.add_parser("revoke", help="revoke a token by its id")
+    revoke_cmd.add_argument("id", metavar="ID", type=int)
     args = parser.parse_args(argv)
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        # Name the setting and the problem, never the value: it may be a secret.
+        for error in exc.errors():
+            loc = "_".join(str(part) for part in error["loc"])
+            name = loc if loc.isupper() else f"CORTEX_{loc.upper()}"  # aliases are upper case
+            print(f"cortex: {name}: {error['msg']}", file=sys.stderr)
+        return 2
     if getattr(args, "host", None):
         settings.host = args.host
     if getattr(args, "port", None) is not None:
@@ -36,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(TokenScrubber())  # a second line behind the one on websockets' logger
     if args.command == "migrate":
         from .store import migrate
 
@@ -43,7 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"database {settings.database_url} is at the newest revision")
         return 0
     if args.command == "serve":
-        return asyncio.run(_serve(settings))
+        try:
+            return asyncio.run(_serve(settings))
+        except AuthConfigError as exc:
+            print(f"cortex: {exc}", file=sys.stderr)
+            return 2
+    if args.command == "token":
+        from .tokens_cli import run_token_command
+
+        return run_token_command(settings, args)
     from .chat import run_chat
 
     url = args.url or f"ws://{settings.host}:{settings.port}/ws"

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MOCK_MODEL = "mock"
@@ -82,6 +82,25 @@ class Settings(BaseSettings):
 
     static_dir: Path = STATIC_DIR
     log_level: str = "INFO"
+
+    # Access (docs/auth.md). `auth_tokens` is a SecretStr so that a repr of the settings (a log
+    # line, a traceback) never shows a token.
+    auth: Literal["auto", "token", "none"] = "auto"
+    auth_tokens: SecretStr | None = None
+    allowed_origins: CsvList = Field(default_factory=list)
+    auth_recheck_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _lower_auth(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("allowed_models", "fallback_models", "tools", "tool_modules", mode="before")
     @classmethod

@@ -21,9 +21,9 @@ LONG = " ".join(f"token{i}" for i in range(400))
 
 
 @asynccontextmanager
-async def cortex_process(tmp_path: Path, provider: FakeOpenAI) -> AsyncIterator[
-    tuple[asyncio.subprocess.Process, str]
-]:
+async def cortex_process(
+    tmp_path: Path, provider: FakeOpenAI
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     env = {
         **os.environ,
         "CORTEX_PORT": "0",
@@ -36,8 +36,14 @@ async def cortex_process(tmp_path: Path, provider: FakeOpenAI) -> AsyncIterator[
         "CORTEX_SHUTDOWN_GRACE_S": "0.2",
     }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cortex.cli", "serve", env=env, cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "cortex.cli",
+        "serve",
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     try:
         assert proc.stdout is not None
@@ -75,21 +81,23 @@ async def test_sigkill_mid_reply_loses_no_acknowledged_message(
         page = await client.request(type="history", conversation_id=conversation_id)
         user, reply = page["messages"]
         assert (user["id"], user["content"], user["status"]) == (
-            ack["message_id"], "survive this", "complete")
+            ack["message_id"],
+            "survive this",
+            "complete",
+        )
         assert reply["status"] == "interrupted"
         assert reply["content"] and LONG.startswith(reply["content"])
         assert seen.startswith(reply["content"]) or reply["content"].startswith(seen)
         # The conversation carries on in the new process; a retried send is not doubled.
-        await client.send(type="send", conversation_id=conversation_id, content="survive this",
-                          client_msg_id="k1")
+        await client.send(
+            type="send", conversation_id=conversation_id, content="survive this", client_msg_id="k1"
+        )
         assert (await client.until_type("ack"))[-1]["message_id"] == ack["message_id"]
         await client.send(type="send", conversation_id=conversation_id, content="hello?")
         assert final_message(await client.until_reply())["content"] == "back again"
 
 
-async def test_sigterm_finishes_and_closes_with_1001(
-    tmp_path: Path, provider: FakeOpenAI
-) -> None:
+async def test_sigterm_finishes_and_closes_with_1001(tmp_path: Path, provider: FakeOpenAI) -> None:
     provider.enqueue(Reply(text="short and sweet", chunk_delay=0.01))
     async with cortex_process(tmp_path, provider) as (proc, url):
         async with connect(url) as ws:

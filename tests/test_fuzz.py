@@ -19,10 +19,26 @@ from websockets.sync.client import ClientConnection, connect
 
 from cortex.app import Cortex, running
 
-ERROR_CODES = {"bad_json", "bad_frame", "unknown_type", "too_large", "not_found",
-               "rate_limited", "internal"}
-TYPES = ["send", "subscribe", "unsubscribe", "history", "conversations", "cancel", "ping",
-         "bogus", ""]
+ERROR_CODES = {
+    "bad_json",
+    "bad_frame",
+    "unknown_type",
+    "too_large",
+    "not_found",
+    "rate_limited",
+    "internal",
+}
+TYPES = [
+    "send",
+    "subscribe",
+    "unsubscribe",
+    "history",
+    "conversations",
+    "cancel",
+    "ping",
+    "bogus",
+    "",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +46,15 @@ def threaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cortex
     """A real server on its own event loop in a thread, so hypothesis can drive it from sync
     code. The mock model answers (no provider needed)."""
     tmp: Path = tmp_path_factory.mktemp("fuzz")
-    settings = make_settings(tmp, None, use_mock=True, rate_per_s=10_000, rate_burst=10_000,
-                             max_message_chars=2_000, max_frame_bytes=65_536)
+    settings = make_settings(
+        tmp,
+        None,
+        use_mock=True,
+        rate_per_s=10_000,
+        rate_burst=10_000,
+        max_message_chars=2_000,
+        max_frame_bytes=65_536,
+    )
     ready = threading.Event()
     box: dict[str, Any] = {}
 
@@ -52,10 +75,10 @@ def threaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cortex
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
-    | st.text(max_size=40),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
-                                                                 max_size=4),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 frames = st.fixed_dictionaries(
@@ -77,8 +100,9 @@ raw_frames = (
     | st.text(max_size=300)
     | st.binary(max_size=300)
     | st.integers(min_value=1, max_value=5_000).map(lambda n: "[" * n + "]" * n)
-    | st.integers(min_value=1, max_value=400).map(lambda n: '{"type":"ping","n":' + "9" * n * 20
-                                                   + "}")
+    | st.integers(min_value=1, max_value=400).map(
+        lambda n: '{"type":"ping","n":' + "9" * n * 20 + "}"
+    )
 )
 
 
@@ -93,11 +117,15 @@ def _answer(ws: ClientConnection) -> list[dict[str, Any]]:
             return events
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.data_too_large])
+@settings(
+    max_examples=250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(batch=st.lists(raw_frames, min_size=1, max_size=6))
-def test_random_frames_never_break_the_server(threaded_server: Cortex,
-                                              batch: list[str | bytes]) -> None:
+def test_random_frames_never_break_the_server(
+    threaded_server: Cortex, batch: list[str | bytes]
+) -> None:
     with connect(threaded_server.url, max_size=None) as ws:
         try:
             for raw in batch:
@@ -109,8 +137,16 @@ def test_random_frames_never_break_the_server(threaded_server: Cortex,
         for event in events:
             if event["type"] == "error":
                 assert event["code"] in ERROR_CODES and event["message"]
-            assert event["type"] in {"error", "pong", "ack", "message", "typing", "delta",
-                                     "history", "conversations"}
+            assert event["type"] in {
+                "error",
+                "pong",
+                "ack",
+                "message",
+                "typing",
+                "delta",
+                "history",
+                "conversations",
+            }
     with connect(threaded_server.url) as probe:
         assert _answer(probe)[-1]["type"] == "pong"
 

@@ -2,5 +2,6 @@
 
 from .db import make_engine, migrate
 from .repo import Store
+from .tokens import TokenStore
 
-__all__ = ["Store", "make_engine", "migrate"]
+__all__ = ["Store", "TokenStore", "make_engine", "migrate"]

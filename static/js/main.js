@@ -18,6 +18,7 @@ const ID_PATTERN = /^[A-Za-z0-9_.:-]{1,64}$/;
 const $ = (id) => document.getElementById(id);
 const ui = {
   app: $("app"),
+  chat: $("chat"),
   sidebar: $("sidebar"),
   backdrop: $("backdrop"),
   drawerOpen: $("drawer-open"),
@@ -819,6 +820,7 @@ function autosize() {
 
 function openDrawer() {
   ui.app.classList.add("drawer-open");
+  ui.chat.inert = true; // keep keyboard focus inside the open drawer
   ui.backdrop.hidden = false;
   ui.drawerOpen.setAttribute("aria-expanded", "true");
   ui.newChat.focus();
@@ -827,6 +829,7 @@ function openDrawer() {
 function closeDrawer(restoreFocus) {
   if (!ui.app.classList.contains("drawer-open")) return;
   ui.app.classList.remove("drawer-open");
+  ui.chat.inert = false;
   ui.backdrop.hidden = true;
   ui.drawerOpen.setAttribute("aria-expanded", "false");
   if (restoreFocus) ui.drawerOpen.focus();
