@@ -8,6 +8,8 @@ script execution.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import TIMEOUT, Client
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, WebSocketRoute, async_playwright, expect
 
 from cortex.app import Cortex
 from cortex.testing.fake_openai import FakeOpenAI, Reply, ToolCallSpec
@@ -117,11 +119,19 @@ async def open_tab(browser: Browser, base_url: str) -> AsyncIterator[OpenTab]:
     """Open the chat page in a new browser context; fail the test on any page error."""
     tabs: list[Tab] = []
 
-    async def _open(hash_: str = "", *, record: bool = False, **context_options: Any) -> Tab:
+    async def _open(
+        hash_: str = "",
+        *,
+        record: bool = False,
+        route_ws: Callable[[WebSocketRoute], Any] | None = None,
+        **context_options: Any,
+    ) -> Tab:
         context = await browser.new_context(**context_options)
         if record:
             await context.add_init_script(script=RECORD_RENDERS)
         page = await context.new_page()
+        if route_ws is not None:
+            await page.route_web_socket(re.compile(r"/ws(\?|$)"), route_ws)
         tab = Tab(page)
         page.on(
             "console",
@@ -311,6 +321,49 @@ async def test_reload_mid_reply_continues_without_repeat_or_gap(
     for seen in renders:
         assert text.startswith(seen), f"rendered text is not a prefix of the reply: {seen!r}"
     assert [len(r) for r in renders] == sorted(len(r) for r in renders)
+
+
+async def test_deltas_apply_by_offset_repeats_dropped_gaps_resubscribed(
+    open_tab: OpenTab, provider: FakeOpenAI
+) -> None:
+    """Between server and page, repeat one delta and lose another: the text stays exact."""
+    text = words(80)
+    provider.enqueue(Reply(text=text, chunks=80, chunk_delay=0.01))
+    from_page: list[dict[str, Any]] = []
+    deltas = 0
+
+    def route(ws: WebSocketRoute) -> None:
+        server = ws.connect_to_server()
+
+        def up(message: str | bytes) -> None:
+            from_page.append(json.loads(message))
+            server.send(message)
+
+        def down(message: str | bytes) -> None:
+            nonlocal deltas
+            if json.loads(message).get("type") == "delta":
+                deltas += 1
+                if deltas == 20:
+                    return  # lost: the next delta shows a gap
+                if deltas == 10:
+                    ws.send(message)  # repeated: dropped by its offset
+            ws.send(message)
+
+        ws.on_message(up)
+        server.on_message(down)
+
+    tab = await open_tab(record=True, route_ws=route)
+    page = tab.page
+    await send(page, "count to eighty")
+    await expect(last_reply(page)).to_have_attribute("data-status", "complete")
+    await expect(last_reply(page).locator(".md")).to_have_text(text)
+    renders: list[str] = await page.evaluate("window.__renders")
+    for seen in renders:
+        assert text.startswith(seen), f"rendered text is not a prefix of the reply: {seen!r}"
+    subscribes = [f for f in from_page if f["type"] == "subscribe"]
+    assert len(subscribes) == 1, from_page  # the gap made the page catch up
+    assert subscribes[0]["after_seq"] == 1  # the user's message; the reply was still streaming
+    assert any(len(r) > 40 and r != text for r in renders), "no render after the gap"
 
 
 async def test_dropped_socket_resumes_and_policy_close_asks_for_token(
