@@ -172,7 +172,9 @@ class Connection:
         if isinstance(frame, Send):
             await router.send(owner, frame, self)
         elif isinstance(frame, Subscribe):
-            await router.subscribe(owner, frame.conversation_id, frame.after_seq, self)
+            await router.subscribe(
+                owner, frame.conversation_id, frame.after_seq, self, frame.request_id
+            )
         elif isinstance(frame, History):
             self.deliver(
                 await router.history(
