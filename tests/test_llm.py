@@ -112,3 +112,27 @@ def test_default_model_follows_keys() -> None:
     assert settings.model({}) == "mock"
     assert settings.model({"OPENAI_API_KEY": "sk-x"}) == "gpt-4o-mini"
     assert settings.model({"ANTHROPIC_API_KEY": "k"}).startswith("anthropic/")
+
+
+def test_chunk_window_keeps_recent_chunks_and_usage() -> None:
+    from types import SimpleNamespace
+
+    from cortex.llm import ChunkWindow
+
+    window = ChunkWindow(size=4)
+    for i in range(1000):
+        window.append(SimpleNamespace(i=i, usage={"n": i} if i == 3 else None))
+    assert len(window) <= 8
+    assert window[-1].i == 999 and window[-2].i == 998
+    assert [c.i for c in window if c.usage is not None] == [3]
+
+
+async def test_long_stream_keeps_usage_with_bounded_chunks(
+    llm: LlmService, provider: FakeOpenAI
+) -> None:
+    text = " ".join(f"w{i}" for i in range(3000))
+    provider.enqueue(Reply(text=text, prompt_tokens=11, completion_tokens=3000))
+    events = [e async for e in llm.stream([{"role": "user", "content": "long"}])]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == text
+    (usage,) = [e for e in events if isinstance(e, UsageInfo)]
+    assert (usage.prompt_tokens, usage.completion_tokens) == (11, 3000)
