@@ -23,6 +23,7 @@ from .protocol import (
     Ack,
     Cancel,
     Conversations,
+    DeltaFrame,
     ErrorEvent,
     History,
     InboundFrame,
@@ -33,6 +34,7 @@ from .protocol import (
     Unsubscribe,
     parse_frame,
     request_id_of,
+    take_merged_delta,
 )
 
 if TYPE_CHECKING:
@@ -111,6 +113,9 @@ class Connection:
                     continue
                 frame = queue.popleft()
                 self._queued_chars -= len(frame)
+                if queue and type(frame) is DeltaFrame:
+                    frame, taken = take_merged_delta(frame, queue)
+                    self._queued_chars -= taken
                 await ws.send(frame)
         except ConnectionClosed:
             pass
