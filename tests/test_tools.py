@@ -17,17 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
+from cortex.builtin_tools import MAX_EXPRESSION_CHARS, MAX_INT_BITS, calculator, current_time
 from cortex.tools import (
-    MAX_EXPRESSION_CHARS,
-    MAX_INT_BITS,
     Tool,
     ToolRegistry,
     ToolResult,
     UnknownTool,
     build_registry,
     builtin_registry,
-    calculator,
-    current_time,
     parse_arguments,
     tool,
 )
