@@ -29,17 +29,19 @@ FIELDS = "cortex"  # the LogRecord attribute that holds an event's fields
 _CONTEXT = (("conn", CONNECTION), ("req", REQUEST), ("conv", CONVERSATION))
 # Loggers that print message text or SQL parameters below these levels.
 _CONTENT_LOGGERS = {
-    "websockets": logging.INFO,
+    "websockets": logging.WARNING,  # its INFO lines repeat Cortex's own connection events
     "sqlalchemy": logging.WARNING,
     "aiosqlite": logging.INFO,
     "asyncpg": logging.INFO,
-    "LiteLLM": logging.INFO,
-    "LiteLLM Router": logging.INFO,
-    "LiteLLM Proxy": logging.INFO,
+    "LiteLLM": logging.WARNING,  # its INFO line per call repeats Cortex's reply event
+    "LiteLLM Router": logging.WARNING,
+    "LiteLLM Proxy": logging.WARNING,
     "openai": logging.INFO,
     "httpx": logging.WARNING,
     "httpcore": logging.INFO,
 }
+# Start-up chatter, whatever the level.
+_QUIET_LOGGERS = {"alembic.runtime.plugins": logging.WARNING}
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
@@ -140,9 +142,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, ensure_ascii=False, default=str)
 
 
+class _CortexHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the handler `configure_logging` installed, so that a second call replaces it."""
+
+
 def make_handler(settings: Settings, stream: Any = None) -> logging.Handler:
     """A stream handler with Cortex's formatter and filters (context, token scrubbing)."""
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = _CortexHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
     handler.addFilter(ContextFilter())
     handler.addFilter(FieldScrubber())
@@ -150,14 +156,18 @@ def make_handler(settings: Settings, stream: Any = None) -> logging.Handler:
 
 
 def configure_logging(settings: Settings, stream: Any = None) -> None:
-    """Route every log line through one handler on the root logger (called once, by the CLI)."""
+    """Route log lines through Cortex's handler on the root logger (called by the CLI).
+
+    Other handlers (a test runner's) stay; a previous Cortex handler is replaced.
+    """
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if isinstance(old, _CortexHandler):
+            root.removeHandler(old)
     root.addHandler(make_handler(settings, stream))
     root.setLevel(settings.log_level.upper())
-    if not settings.log_content:
-        for name, floor in _CONTENT_LOGGERS.items():
-            logger = logging.getLogger(name)
-            if logger.getEffectiveLevel() < floor:
-                logger.setLevel(floor)
+    floors = {**_QUIET_LOGGERS, **({} if settings.log_content else _CONTENT_LOGGERS)}
+    for name, floor in floors.items():
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < floor:
+            logger.setLevel(floor)

@@ -16,6 +16,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 
@@ -51,6 +52,9 @@ class Metrics:
     """Every metric Cortex exports, registered on `registry` (a new one by default)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # `*_created` series double the output and Prometheus does not need them. (The switch
+        # is the library's, process-wide; it only changes what new metrics expose.)
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in the library
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         Gauge("cortex_build_info", "Cortex version", ["version"], registry=r).labels(

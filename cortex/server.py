@@ -166,9 +166,13 @@ class Connection:
             metrics.frame_in(frame.type)
             request_id = frame.request_id
             conversation_id = getattr(frame, "conversation_id", None)
-            REQUEST.set(request_id)
-            CONVERSATION.set(conversation_id)
-            await self.handle(frame)
+            request_var = REQUEST.set(request_id)
+            conversation_var = CONVERSATION.set(conversation_id)
+            try:
+                await self.handle(frame)
+            finally:
+                REQUEST.reset(request_var)
+                CONVERSATION.reset(conversation_var)
         except CortexError as exc:
             if request_id is None:
                 request_id = request_id_of(raw)
