@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 PROMPT = "you> "
 ASSISTANT = "assistant> "
+SAID = "you: "  # a stored message of yours, printed from history (unlike the prompt)
 TYPING = "assistant is typing…"
 
 
@@ -141,7 +142,7 @@ class Transcript:
             return
         self._shown.add(seq)
         if role == "user" and seq not in self.mine:
-            self.screen.line(f"user> {message['content']}")  # from another client
+            self.screen.line(f"you (another client): {message['content']}")
         elif role == "tool":
             pass  # announced by tool_call / tool_result
 
@@ -200,7 +201,7 @@ class Transcript:
                 if message["status"] != "complete":
                     self.screen.note(f"  [reply {message['status']}]")
             elif role == "user":
-                self.screen.line(f"{PROMPT}{content}")
+                self.screen.line(f"{SAID}{content}")
 
 
 def _short(value: Any, limit: int = 80) -> str:

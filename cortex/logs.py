@@ -143,7 +143,23 @@ class JsonFormatter(logging.Formatter):
 
 
 class _CortexHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Marks the handler `configure_logging` installed, so that a second call replaces it."""
+    """The handler `configure_logging` installs (a second call replaces it).
+
+    Without a stream of its own it writes to whatever `sys.stderr` is at the time of each line,
+    so that it follows a redirection made later (a test runner's capture).
+    """
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._own: Any = stream
+
+    @property
+    def stream(self) -> Any:
+        return self._own if self._own is not None else sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        self._own = value
 
 
 def make_handler(settings: Settings, stream: Any = None) -> logging.Handler:
