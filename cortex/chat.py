@@ -46,7 +46,9 @@ class ChatClient:
     ) -> None:
         self.url = url
         self.headers = {"Authorization": f"Bearer {token}"} if token else None
-        self.screen = Screen(out if out is not None else sys.stdout)
+        self._in_fd = sys.stdin.fileno() if in_fd is None else in_fd
+        # Prompts only for a person at a terminal, not for input from a pipe or a file.
+        self.screen = Screen(out if out is not None else sys.stdout, prompts=os.isatty(self._in_fd))
         self.transcript = Transcript(self.screen)
         self.conversation_id = conversation_id
         self.info: dict[str, Any] | None = None  # the open conversation's view, when known
@@ -54,7 +56,6 @@ class ChatClient:
         self.ws: ClientConnection | None = None
         self.outbox: dict[str, dict[str, Any]] = {}  # client_msg_id -> send, until acknowledged
         self.listing: list[dict[str, Any]] = []  # the last /list, for /open N
-        self._in_fd = sys.stdin.fileno() if in_fd is None else in_fd
         self._lines: asyncio.Queue[str | None] = asyncio.Queue()
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
@@ -179,7 +180,16 @@ class ChatClient:
                 line, buffer = buffer.split("\n", 1)
                 self._lines.put_nowait(line.rstrip("\r"))
 
-        loop.add_reader(self._in_fd, readable)
+        try:
+            loop.add_reader(self._in_fd, readable)
+        except PermissionError:
+            # A regular file (or /dev/null) cannot be polled, and never blocks: read it now.
+            while data := os.read(self._in_fd, 65536):
+                buffer += decoder.decode(data)
+            buffer += decoder.decode(b"", final=True)
+            for line in buffer.splitlines():
+                self._lines.put_nowait(line)
+            self._lines.put_nowait(None)
 
     async def _input(self, opening: str | None) -> None:
         if opening is not None:

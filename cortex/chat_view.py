@@ -19,8 +19,9 @@ TYPING = "assistant is typing…"
 class Screen:
     """Terminal output. Async output first clears a shown prompt; colour only on a terminal."""
 
-    def __init__(self, out: TextIO, *, color: bool | None = None) -> None:
+    def __init__(self, out: TextIO, *, color: bool | None = None, prompts: bool = True) -> None:
         self.out = out
+        self.prompts = prompts
         self.tty = out.isatty()
         self.color = self.tty and "NO_COLOR" not in os.environ if color is None else color
         self.prompt_shown = False
@@ -39,7 +40,7 @@ class Screen:
             self.prompt_shown = False
 
     def prompt(self) -> None:
-        if not self.prompt_shown and not self.midline:
+        if self.prompts and not self.prompt_shown and not self.midline:
             self._write(self._style(PROMPT, "1"))
             self.prompt_shown = True
 
