@@ -183,6 +183,7 @@ class LlmService:
         try:
             async with asyncio.timeout(loop.time() + self.settings.llm_timeout) as first:
                 response = await self._litellm.acompletion(**kwargs)
+            _bound_chunk_history(response)
             # Only the wait for the next chunk is timed: a stall between chunks ends the reply.
             async with asyncio.timeout(None) as stall:
                 iterator = response.__aiter__()
@@ -328,6 +329,34 @@ class LlmService:
         ):
             if isinstance(event, TextDelta):
                 yield event.text
+
+
+class ChunkWindow(list[Any]):
+    """A stand-in for LiteLLM's per-stream chunk list that keeps only what it reads back.
+
+    LiteLLM appends every chunk of a stream (about 5-6 KB each) to `CustomStreamWrapper.chunks`
+    and offers no switch to stop it: a 10,000-token reply held ~90 MB until it ended. It reads
+    the list back for the last two chunks (repetition check) and, at the end, for usage and the
+    assembled response it logs. Cortex keeps the text itself and reads usage from the chunks
+    that carry it, so the window keeps the newest `size` chunks plus every chunk with usage.
+    """
+
+    def __init__(self, size: int = 32) -> None:
+        super().__init__()
+        self.size = size
+
+    def append(self, chunk: Any) -> None:
+        super().append(chunk)
+        if len(self) > 2 * self.size:
+            recent = self[-self.size :]
+            kept = [c for c in self[: -self.size] if getattr(c, "usage", None) is not None]
+            self[:] = kept + recent
+
+
+def _bound_chunk_history(response: Any) -> None:
+    chunks = getattr(response, "chunks", None)
+    if isinstance(chunks, list) and not chunks:
+        response.chunks = ChunkWindow()
 
 
 def _merge_tool_call(calls: dict[int, list[str]], fragment: Any) -> None:

@@ -9,6 +9,7 @@ shared by every subscriber.
 from __future__ import annotations
 
 import json
+from collections import deque
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
@@ -316,16 +317,63 @@ class Pong(_Outbound):
     request_id: str | None = None
 
 
-def delta_frame(conversation_id: str, message_id: str, offset: int, text: str) -> str:
+class DeltaFrame(str):
+    """An encoded `delta` event that also remembers its parts.
+
+    It is the JSON text itself (so the hub and sockets treat it as any frame), and a writer that
+    has fallen behind can merge consecutive deltas of one message into one frame: offsets stay
+    exact and a lagging client gets fewer, larger frames instead of an ever longer queue.
+    """
+
+    conversation_id: str
+    message_id: str
+    offset: int
+    text: str
+
+    def follows(self, previous: DeltaFrame) -> bool:
+        return self.message_id == previous.message_id and self.offset == previous.offset + len(
+            previous.text
+        )
+
+
+def delta_frame(conversation_id: str, message_id: str, offset: int, text: str) -> DeltaFrame:
     """The hottest frame of all, encoded without building a model."""
-    return json.dumps(
-        {
-            "type": "delta",
-            "conversation_id": conversation_id,
-            "message_id": message_id,
-            "offset": offset,
-            "text": text,
-        },
-        ensure_ascii=False,
-        separators=(",", ":"),
+    frame = DeltaFrame(
+        json.dumps(
+            {
+                "type": "delta",
+                "conversation_id": conversation_id,
+                "message_id": message_id,
+                "offset": offset,
+                "text": text,
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
     )
+    frame.conversation_id = conversation_id
+    frame.message_id = message_id
+    frame.offset = offset
+    frame.text = text
+    return frame
+
+
+def take_merged_delta(first: DeltaFrame, queue: deque[str]) -> tuple[str, int]:
+    """Merge `first` with the deltas that continue it at the head of `queue`.
+
+    Returns the frame to send and how many characters were taken off the queue.
+    """
+    parts = [first.text]
+    last = first
+    taken = 0
+    while queue:
+        head = queue[0]
+        if type(head) is not DeltaFrame or not head.follows(last):
+            break
+        queue.popleft()
+        taken += len(head)
+        parts.append(head.text)
+        last = head
+    if len(parts) == 1:
+        return first, 0
+    return delta_frame(first.conversation_id, first.message_id, first.offset, "".join(parts)), taken

@@ -186,7 +186,12 @@ class Router:
         )
 
     async def subscribe(
-        self, owner: str, conversation_id: str, after_seq: int | None, client: Subscriber
+        self,
+        owner: str,
+        conversation_id: str,
+        after_seq: int | None,
+        client: Subscriber,
+        request_id: str | None = None,
     ) -> None:
         """Catch up from `after_seq`, then the reply in progress so far, then live events."""
         if await self.store.get_conversation(conversation_id, owner=owner) is None:
@@ -205,9 +210,13 @@ class Router:
                         break
                     cursor = rows[-1].seq
             self.hub.subscribe(conversation_id, client)
+            if conversation_id in self._current:  # a reply is in progress (maybe in a tool)
+                client.deliver(Typing(conversation_id=conversation_id, active=True).encode())
             active = self._active.get(conversation_id)
             if active is not None and active.length:
                 client.deliver(delta_frame(conversation_id, active.message_id, 0, active.text()))
+            # The ack closes the catch-up: everything after it is live.
+            client.deliver(Ack(conversation_id=conversation_id, request_id=request_id).encode())
 
     async def history(
         self,

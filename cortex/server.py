@@ -27,6 +27,7 @@ from .protocol import (
     Configure,
     Conversations,
     Delete,
+    DeltaFrame,
     ErrorEvent,
     History,
     InboundFrame,
@@ -38,6 +39,7 @@ from .protocol import (
     Unsubscribe,
     parse_frame,
     request_id_of,
+    take_merged_delta,
 )
 
 if TYPE_CHECKING:
@@ -120,6 +122,9 @@ class Connection:
                     continue
                 frame = queue.popleft()
                 self._queued_chars -= len(frame)
+                if queue and type(frame) is DeltaFrame:
+                    frame, taken = take_merged_delta(frame, queue)
+                    self._queued_chars -= taken
                 await ws.send(frame)
                 self.frames_out += 1
                 count(frame)
@@ -199,7 +204,9 @@ class Connection:
         if isinstance(frame, Send):
             await router.send(owner, frame, self)
         elif isinstance(frame, Subscribe):
-            await router.subscribe(owner, frame.conversation_id, frame.after_seq, self)
+            await router.subscribe(
+                owner, frame.conversation_id, frame.after_seq, self, frame.request_id
+            )
         elif isinstance(frame, History):
             self.deliver(
                 await router.history(

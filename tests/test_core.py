@@ -15,7 +15,10 @@ from cortex.testing.fake_openai import FakeOpenAI, Reply
 async def test_reply_streams_to_sender_and_is_stored(
     client: Client, provider: FakeOpenAI, http: Any
 ) -> None:
-    provider.enqueue(Reply(text="The quick brown fox jumps over the lazy dog.", chunks=9))
+    # Paced chunks: a writer that keeps up sends one delta per chunk (a lagging one merges them).
+    provider.enqueue(
+        Reply(text="The quick brown fox jumps over the lazy dog.", chunks=9, chunk_delay=0.01)
+    )
     await client.send(type="send", content="Tell me about foxes", request_id="a1")
     ack = await client.until_type("ack")
     assert ack[-1]["request_id"] == "a1" and ack[-1]["seq"] == 1
@@ -44,23 +47,30 @@ async def test_two_clients_see_the_same_reply(connect_client: Any, provider: Fak
     await alice.send(type="send", content="hello")
     conversation_id = (await alice.until_type("ack"))[-1]["conversation_id"]
     await alice.until_reply()
-    await bob.send(type="subscribe", conversation_id=conversation_id)
-    await bob.send(type="ping", request_id="p")
-    await bob.until_type("pong")  # the subscription is in place once ping is answered
+    # The subscription is in place once its ack arrives.
+    assert (await bob.request(type="subscribe", conversation_id=conversation_id))["type"] == "ack"
     await alice.send(type="send", conversation_id=conversation_id, content="again")
     seen_alice = await alice.until_reply()
     seen_bob = await bob.until_reply()
 
     def stream(events: list[dict[str, Any]]) -> list[Any]:
-        return [
-            (e["type"], e.get("active"), e.get("offset"), e.get("text"))
-            for e in events
-            if e["type"] in ("typing", "delta")
-        ]
+        """The events in order, with the deltas joined: a writer that lags may merge deltas,
+        so both clients must see the same text at the same offsets, not the same frames."""
+        out: list[Any] = []
+        for e in events:
+            if e["type"] == "delta":
+                if out and out[-1][0] == "text":
+                    out[-1] = ("text", out[-1][1] + e["text"])
+                else:
+                    out.append(("text", e["text"]))
+            elif e["type"] in ("typing", "message"):
+                out.append((e["type"], e.get("active"), e.get("seq")))
+        return out
 
     assert stream(seen_alice) == stream(seen_bob)
-    assert stream(seen_bob)[0] == ("typing", True, None, None)
-    assert stream(seen_bob)[-1] == ("typing", False, None, None)
+    typing = [item for item in stream(seen_bob) if item[0] == "typing"]
+    assert typing == [("typing", True, None), ("typing", False, None)]
+    assert stream(seen_bob)[-1] == ("typing", False, None)
     assert deltas_text(seen_bob) == "one two three four five six"
     assert final_message(seen_bob) == final_message(seen_alice)
     user_events = [e for e in seen_bob if e["type"] == "message" and e["message"]["role"] == "user"]
@@ -254,3 +264,30 @@ async def test_replies_of_one_conversation_come_in_order(
     assert finals == ["slow first answer", "second answer"]
     assert events
     await asyncio.sleep(0)
+
+
+def test_lagging_writer_merges_consecutive_deltas() -> None:
+    import json
+    from collections import deque
+
+    from cortex.protocol import delta_frame, take_merged_delta
+
+    queue: deque[str] = deque(
+        [
+            delta_frame("c", "m", 3, "lo "),
+            delta_frame("c", "m", 6, "wor"),
+            delta_frame("c", "other", 0, "x"),
+            delta_frame("c", "m", 9, "ld"),
+        ]
+    )
+    frame, taken = take_merged_delta(delta_frame("c", "m", 0, "Hel"), queue)
+    assert json.loads(frame) == {
+        "type": "delta",
+        "conversation_id": "c",
+        "message_id": "m",
+        "offset": 0,
+        "text": "Hello wor",
+    }
+    assert taken > 0 and len(queue) == 2  # another message's delta stops the merge
+    alone, taken = take_merged_delta(delta_frame("c", "m", 50, "gap"), deque([queue[-1]]))
+    assert json.loads(alone)["text"] == "gap" and taken == 0  # not contiguous: not merged

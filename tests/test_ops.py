@@ -70,7 +70,8 @@ async def test_metrics_follow_a_real_exchange(
 
     assert grew("cortex_frames_in_total", type="send") == 1
     assert grew("cortex_frames_in_total", type="ping") == 1
-    assert grew("cortex_frames_out_total", type="delta") == 4
+    # Four deltas, or fewer frames when the writer merged consecutive ones (a lagging socket).
+    assert 1 <= grew("cortex_frames_out_total", type="delta") <= 4
     assert grew("cortex_frames_out_total", type="ack") == 1
     assert grew("cortex_frames_out_total", type="typing") == 2
     assert grew("cortex_frames_out_total", type="message") == 3  # user, streaming, final

@@ -35,8 +35,14 @@ async def test_resume_mid_reply_has_no_gap_and_no_repeat(
     await first.until(lambda e: e["type"] == "delta" and e["offset"] > 40)
     await first.ws.close()  # the client drops mid-reply ...
     late: Client = await connect_client()
-    await late.send(type="subscribe", conversation_id=conversation_id, after_seq=1)
+    await late.send(
+        type="subscribe", conversation_id=conversation_id, after_seq=1, request_id="resume"
+    )
     events = await late.until_reply()
+    kinds = [e["type"] for e in events]
+    # Catch-up: the streaming row, typing on, the text so far; the ack marks where live begins.
+    assert kinds[:4] == ["message", "typing", "delta", "ack"]
+    assert events[1]["active"] is True and events[3]["request_id"] == "resume"
     # ... and a new connection gets the streaming row, the text so far at offset 0, then live.
     assert events[0]["type"] == "message" and events[0]["message"]["status"] == "streaming"
     deltas = [e for e in events if e["type"] == "delta"]

@@ -323,7 +323,8 @@ class Store:
             select(Message)
             .where(
                 Message.conversation_id == conversation_id,
-                Message.status.in_(_CONTEXT_STATUSES),
+                # A failed tool result still answers its call: the model needs to see it.
+                or_(Message.status.in_(_CONTEXT_STATUSES), Message.role == "tool"),
                 or_(Message.role != "user", Message.seq <= upto_user_seq),
             )
             .order_by(Message.seq)

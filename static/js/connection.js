@@ -41,8 +41,9 @@ export class RequestError extends Error {
 
 /**
  * Events (EventTarget): "state" {state: connecting|open|waiting, delay?}, "open",
- * "close" {code, reason, opened, needsToken}, "frame" {frame} for every frame not consumed as the
- * answer of a request().
+ * "close" {code, reason, opened, needsToken}, "refused" {status: 401|403, message, hadToken}
+ * after a failed upgrade, "frame" {frame} for every frame not consumed as the answer of a
+ * request().
  */
 export class Connection extends EventTarget {
   constructor() {
@@ -125,11 +126,46 @@ export class Connection extends EventTarget {
       pending.reject(new RequestError("disconnected", "the connection was lost"));
     }
     this.requests.clear();
-    if (!opened) this.failedUpgrades++;
+    if (!opened) {
+      this.failedUpgrades++;
+      this.probe();
+    }
     const needsToken =
       code === 1008 || this.failedUpgrades >= FAILED_UPGRADES_BEFORE_TOKEN_PROMPT;
     this.dispatchEvent(new CustomEvent("close", { detail: { code, reason, opened, needsToken } }));
     this.scheduleReconnect();
+  }
+
+  /**
+   * A browser does not tell why a WebSocket upgrade failed. Ask the same gate over HTTP: a 401
+   * means a token is missing or refused, a 403 names what is refused. Emits "refused".
+   */
+  async probe() {
+    const token = readToken();
+    let response;
+    try {
+      response = await fetch("/api/conversations?limit=1", {
+        headers: token ? { Authorization: `Bearer ${token}` } : {},
+        cache: "no-store",
+        credentials: "omit",
+      });
+    } catch {
+      return; // the server is unreachable: keep retrying
+    }
+    if (response.status !== 401 && response.status !== 403) return;
+    let message = "";
+    try {
+      const body = await response.json();
+      message = String(body?.error?.message || "");
+    } catch {
+      /* not JSON: no details */
+    }
+    if (this.isOpen) return;
+    this.dispatchEvent(
+      new CustomEvent("refused", {
+        detail: { status: response.status, message, hadToken: Boolean(token) },
+      }),
+    );
   }
 
   scheduleReconnect() {

@@ -743,7 +743,10 @@ conn.addEventListener("state", (event) => {
 });
 
 conn.addEventListener("open", () => {
-  if (ui.tokenForm.dataset.auto === "1") hideTokenForm();
+  // A prompt that came up by itself goes away once connected, unless the user is using it.
+  const tokenInUse =
+    ui.tokenForm.contains(document.activeElement) || ui.tokenInput.value !== readToken();
+  if (ui.tokenForm.dataset.auto === "1" && !tokenInUse) hideTokenForm();
   // 1. Resend what was not acknowledged (same client_msg_id: the server deduplicates), before
   //    the catch-up, so that our own messages come back as acks first.
   for (const entry of outbox.values()) transmit(entry);
@@ -777,14 +780,28 @@ conn.addEventListener("close", (event) => {
   updateChrome();
 });
 
+conn.addEventListener("refused", (event) => {
+  const { status, message, hadToken } = event.detail;
+  if (status === 401) {
+    showTokenForm(
+      true,
+      hadToken
+        ? "The server refused the stored access token."
+        : "This server needs an access token (`cortex token create` makes one).",
+    );
+  } else {
+    showAlert({ code: "forbidden", message: message || "The server refused the connection." });
+  }
+});
+
 conn.addEventListener("frame", (event) => onFrame(event.detail));
 
 // ---- token prompt ---------------------------------------------------------------------------
 
 function showTokenForm(auto, why = "") {
+  ui.tokenHint.textContent = `${why} The token is kept in this browser only.`.trim();
   if (!ui.tokenForm.hidden) return;
   ui.tokenForm.dataset.auto = auto ? "1" : "";
-  ui.tokenHint.textContent = `${why} The token is kept in this browser only.`.trim();
   ui.tokenInput.value = readToken();
   ui.tokenForm.hidden = false;
   ui.tokenInput.focus();
@@ -879,11 +896,13 @@ ui.backdrop.addEventListener("click", () => closeDrawer(true));
 document.addEventListener("keydown", (event) => {
   if (event.key === "Escape" && ui.app.classList.contains("drawer-open")) closeDrawer(true);
 });
-window.addEventListener("hashchange", () => {
+function followUrl() {
   if (location.hash && !location.hash.startsWith("#c=")) return; // not a conversation link
   const id = hashId();
   if (id !== chat.id) openConversation(id);
-});
+}
+window.addEventListener("hashchange", followUrl);
+window.addEventListener("popstate", followUrl); // back/forward across "New chat"
 document.querySelector(".skip-link").addEventListener("click", (event) => {
   event.preventDefault(); // keep the conversation in the URL hash
   ui.input.focus();
