@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -14,19 +16,25 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from .access import Gate, OriginPolicy, scrubbed_logger
+from .access import Gate, OriginPolicy, presented_token, scrubbed_logger
 from .auth import LOCAL_USER, Authenticator, Principal, auth_required, parse_env_tokens
 from .config import Settings
 from .errors import CortexError
 from .hub import Hub
 from .llm import LlmService
+from .logs import event
+from .manage import ConversationManager
+from .metrics import Metrics
 from .router import Router
 from .server import Connection
 from .store import Store, TokenStore, make_engine, migrate
+from .telemetry import Telemetry
 from .tools import ToolRegistry, build_registry
-from .web import WS_PATH, HttpRoutes
+from .web import WS_PATH, HttpRoutes, error_response, respond
 
 log = logging.getLogger("cortex")
+log_http = logging.getLogger("cortex.http")
+METRICS_PATH = "/metrics"
 
 __all__ = ["LOCAL_USER", "Cortex", "running"]
 
@@ -34,20 +42,39 @@ __all__ = ["LOCAL_USER", "Cortex", "running"]
 class Cortex:
     """The parts of one server process, wired together from one `Settings`."""
 
-    def __init__(self, settings: Settings, *, llm: LlmService | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, llm: LlmService | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
+        # Each app has its own registry, so several apps (tests) never share counters.
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.telemetry = Telemetry(settings, self.metrics)
         self.engine = make_engine(settings)
-        self.store = Store(self.engine)
+        self.store = Store(self.engine, observe=self.metrics.observe_db)
         self.hub = Hub()
         self.llm = llm or LlmService(settings)
         self.tools: ToolRegistry = build_registry(
             modules=settings.tool_modules, enabled=settings.tools
         )
         self.router = Router(
-            settings=settings, store=self.store, llm=self.llm, hub=self.hub, tools=self.tools
+            settings=settings,
+            store=self.store,
+            llm=self.llm,
+            hub=self.hub,
+            tools=self.tools,
+            telemetry=self.telemetry,
         )
+        self.manager = ConversationManager(
+            settings=settings,
+            store=self.store,
+            router=self.router,
+            hub=self.hub,
+            llm=self.llm,
+            telemetry=self.telemetry,
+        )
+        self.metrics.watch(subscriptions=self.hub.subscriber_count, replies=self.router.in_progress)
         self.http = HttpRoutes(self)
-        self.tokens = TokenStore(self.engine)
+        self.tokens = TokenStore(self.engine, observe=self.metrics.observe_db)
         self.gate: Gate | None = None  # built in start(): it reads the tokens table
         # Who each handshake authenticated as, from process_request() until the handler runs.
         self._handshakes: WeakKeyDictionary[ServerConnection, Principal] = WeakKeyDictionary()
@@ -85,18 +112,55 @@ class Cortex:
     async def process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
-        """HTTP routes, and the access check of every `/ws` and `/api/` request."""
+        """HTTP routes, and the access check of every `/ws`, `/api/` and `/metrics` request."""
         assert self.gate is not None
-        path = urlsplit(request.path).path
-        if path != WS_PATH and not path.startswith("/api/"):
-            return await self.http.handle(request, None)  # public: page, static files, health
-        verdict = await self.gate.check(request, _remote(connection), websocket=path == WS_PATH)
-        if isinstance(verdict, Response):
-            return verdict
-        response = await self.http.handle(request, verdict.user)
-        if response is None:
-            self._handshakes[connection] = verdict  # the upgrade goes on; handle() picks it up
+        started = time.monotonic()
+        path = urlsplit(request.path).path  # never the query: it may hold a token
+        user: str | None = None
+        if path == METRICS_PATH:
+            response: Response | None = await self._metrics(request, connection)
+        elif path != WS_PATH and not path.startswith("/api/"):
+            response = await self.http.handle(request, None)  # public: page, static, health
+        else:
+            remote = _remote(connection)
+            verdict = await self.gate.check(request, remote, websocket=path == WS_PATH)
+            if isinstance(verdict, Response):
+                return verdict  # the gate logs refusals itself
+            user = verdict.user
+            response = await self.http.handle(request, user)
+            if response is None:
+                self._handshakes[connection] = verdict  # the upgrade goes on; handle() takes it
+                return None
+        if response is not None:
+            event(
+                log_http,
+                "http",
+                logging.INFO if path.startswith("/api/") else logging.DEBUG,
+                path=path,
+                status=response.status_code,
+                user=user,
+                duration_ms=round((time.monotonic() - started) * 1000, 1),
+            )
         return response
+
+    async def _metrics(self, request: Request, connection: ServerConnection) -> Response:
+        """`GET /metrics`. Public with `metrics_public`; only `metrics_token` when that is set;
+        otherwise the same access as `/api/` (any user's token when auth is on)."""
+        s = self.settings
+        if s.metrics_token is not None and not s.metrics_public:
+            token = presented_token(request, allow_query=False) or ""
+            expected = s.metrics_token.get_secret_value()
+            if not hmac.compare_digest(token.encode(), expected.encode()):
+                response = error_response(401, "unauthorized", "the metrics token is required")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="cortex-metrics"'
+                return response
+        elif not s.metrics_public:
+            assert self.gate is not None
+            verdict = await self.gate.check(request, _remote(connection), websocket=False)
+            if isinstance(verdict, Response):
+                return verdict
+        body, content_type = self.metrics.render()
+        return respond(200, body, content_type)
 
     async def handle(self, ws: ServerConnection) -> None:
         principal = self._handshakes.pop(ws, None)
@@ -108,10 +172,22 @@ class Cortex:
             return
         connection = Connection(self, ws, principal.user)
         self.connections[connection] = principal
+        self.telemetry.connection_opened(
+            connection.id, user=principal.user, remote=_remote(ws), via=principal.via
+        )
         try:
             await connection.serve()
         finally:
             self.connections.pop(connection, None)
+            self.telemetry.connection_closed(
+                connection.id,
+                user=principal.user,
+                seconds=time.monotonic() - connection.opened,
+                frames_in=connection.frames_in,
+                frames_out=connection.frames_out,
+                code=ws.close_code,
+                reason=ws.close_reason,
+            )
 
     async def _recheck_tokens(self) -> None:
         """Close sessions whose stored token was revoked after they connected.
@@ -180,6 +256,7 @@ class Cortex:
         server.close(close_connections=True)  # 1001 going away to every client
         with contextlib.suppress(Exception):
             await server.wait_closed()
+        await self.manager.close()
         await self.engine.dispose()
 
 

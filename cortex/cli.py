@@ -1,4 +1,7 @@
-"""`cortex serve | migrate | chat | token`: the command line. Settings are built here, once."""
+"""`cortex serve | migrate | doctor | chat | token`: the command line.
+
+Settings are built here, once, and passed down.
+"""
 
 from __future__ import annotations
 
@@ -13,33 +16,112 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from . import __version__
-from .access import TokenScrubber
 from .auth import AuthConfigError
-from .config import MOCK_MODEL, Settings
+from .banner import safe_url
+from .config import Settings
+from .logs import configure_logging, event
+
+_SETTINGS_NOTE = (
+    "Settings come from CORTEX_* environment variables, also read from ./.env "
+    "(see README.md and docs/operations.md)."
+)
+_Formatter = argparse.RawDescriptionHelpFormatter
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cortex",
+        description="Cortex: a self-hosted chat router. WebSocket clients, any LLM through "
+        "LiteLLM, every conversation stored.",
+        epilog=_SETTINGS_NOTE,
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"cortex {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve_cmd = commands.add_parser(
+        "serve",
+        help="migrate the database and run the server",
+        description="Apply pending migrations, then serve the WebSocket (/ws), the HTTP API "
+        "(/api/), /healthz, /readyz, /metrics and the chat page on one port. SIGTERM or "
+        "Ctrl+C lets replies in progress finish (CORTEX_SHUTDOWN_GRACE_S), then exits.",
+        epilog=_SETTINGS_NOTE,
+        formatter_class=_Formatter,
+    )
+    serve_cmd.add_argument("--host", help="bind address (default CORTEX_HOST, 127.0.0.1)")
+    serve_cmd.add_argument("--port", type=int, help="port; 0 picks a free one (CORTEX_PORT)")
+
+    commands.add_parser(
+        "migrate",
+        help="apply pending database migrations and exit",
+        description="Bring CORTEX_DATABASE_URL to the newest schema (alembic upgrade head). "
+        "`cortex serve` does this at start too.",
+        epilog=_SETTINGS_NOTE,
+        formatter_class=_Formatter,
+    )
+
+    doctor_cmd = commands.add_parser(
+        "doctor",
+        help="check the configuration: database, migrations, auth, provider keys, the model",
+        description="Check that the database is reachable and migrated, that the access "
+        "settings allow starting, that the chosen provider's keys are present, and that the "
+        "model answers a one-token request. Prints a report; exit status 1 if a check failed.",
+        epilog=_SETTINGS_NOTE,
+        formatter_class=_Formatter,
+    )
+    doctor_cmd.add_argument(
+        "--no-model", action="store_true", help="do not send the one-token request"
+    )
+    doctor_cmd.add_argument(
+        "--timeout", type=float, default=20.0, help="seconds each check may take (default 20)"
+    )
+
+    chat_cmd = commands.add_parser(
+        "chat",
+        help="chat with a running server in the terminal",
+        description="A terminal client: replies stream as they arrive; it reconnects and "
+        "catches up when the connection drops. Type /help inside for its commands "
+        "(/new, /list, /open ID, /history, /cancel, /model NAME, /quit). "
+        "Ctrl+C during a reply cancels it.",
+        epilog="The token comes from --token or CORTEX_TOKEN. " + _SETTINGS_NOTE,
+        formatter_class=_Formatter,
+    )
+    chat_cmd.add_argument("--url", help="WebSocket URL (default: ws://CORTEX_HOST:CORTEX_PORT/ws)")
+    chat_cmd.add_argument("--conversation", metavar="ID", help="continue this conversation")
+    chat_cmd.add_argument("--token", help="bearer token (default: CORTEX_TOKEN)")
+    chat_cmd.add_argument("--model", help="model for new conversations (the server's default)")
+
+    token_cmd = commands.add_parser(
+        "token",
+        help="create, list and revoke API tokens",
+        description="Manage stored API tokens (docs/auth.md). No server needs to be running.",
+        epilog=_SETTINGS_NOTE,
+        formatter_class=_Formatter,
+    )
+    token_actions = token_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create_cmd = token_actions.add_parser(
+        "create",
+        help="create a token for USER (shown once)",
+        description="Create a token for USER and print it once, alone on stdout.",
+    )
+    create_cmd.add_argument("user", metavar="USER")
+    create_cmd.add_argument("--name", default="", help="a label, e.g. the device it is for")
+    token_actions.add_parser(
+        "list",
+        help="list tokens (never the tokens themselves)",
+        description="List stored tokens: id, user, name, dates. Tokens are never shown.",
+    )
+    revoke_cmd = token_actions.add_parser(
+        "revoke",
+        help="revoke a token by its id",
+        description="Revoke a token; open sessions using it are closed.",
+    )
+    revoke_cmd.add_argument("id", metavar="ID", type=int)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cortex", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"cortex {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve_cmd = commands.add_parser("serve", help="migrate the database and run the server")
-    serve_cmd.add_argument("--host", help="bind address (CORTEX_HOST)")
-    serve_cmd.add_argument("--port", type=int, help="port (CORTEX_PORT)")
-    commands.add_parser("migrate", help="apply pending database migrations and exit")
-    chat_cmd = commands.add_parser("chat", help="chat with a running server in the terminal")
-    chat_cmd.add_argument("--url", help="WebSocket URL (default: ws://CORTEX_HOST:CORTEX_PORT/ws)")
-    chat_cmd.add_argument("--conversation", help="continue this conversation id")
-    chat_cmd.add_argument("--token", help="bearer token (or CORTEX_TOKEN)")
-    token_cmd = commands.add_parser("token", help="create, list and revoke API tokens")
-    token_actions = token_cmd.add_subparsers(dest="action", required=True)
-    create_cmd = token_actions.add_parser("create", help="create a token for USER (shown once)")
-    create_cmd.add_argument("user", metavar="USER")
-    create_cmd.add_argument("--name", default="", help="a label, e.g. the device it is for")
-    token_actions.add_parser("list", help="list tokens (never the tokens themselves)")
-    revoke_cmd = token_actions.add_parser("revoke", help="revoke a token by its id")
-    revoke_cmd.add_argument("id", metavar="ID", type=int)
-    args = parser.parse_args(argv)
-
+    args = build_parser().parse_args(argv)
     try:
         settings = Settings()
     except ValidationError as exc:
@@ -53,16 +135,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.host = args.host
     if getattr(args, "port", None) is not None:
         settings.port = args.port
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(TokenScrubber())  # a second line behind the one on websockets' logger
+    if args.command in ("doctor", "chat"):
+        # Their output is the report or the conversation; only warnings go to the log.
+        quiet = max(logging.getLevelName(settings.log_level.upper()), logging.WARNING)
+        configure_logging(settings.model_copy(update={"log_level": logging.getLevelName(quiet)}))
+    else:
+        configure_logging(settings)
     if args.command == "migrate":
         from .store import migrate
 
         migrate(settings.database_url)
-        print(f"database {settings.database_url} is at the newest revision")
+        print(f"database {safe_url(settings.database_url)} is at the newest revision")
         return 0
     if args.command == "serve":
         try:
@@ -70,6 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except AuthConfigError as exc:
             print(f"cortex: {exc}", file=sys.stderr)
             return 2
+    if args.command == "doctor":
+        from .doctor import run_doctor
+
+        return run_doctor(
+            settings, call_model=not args.no_model, limit_s=args.timeout, out=sys.stdout
+        )
     if args.command == "token":
         from .tokens_cli import run_token_command
 
@@ -77,11 +166,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .chat import run_chat
 
     url = args.url or f"ws://{settings.host}:{settings.port}/ws"
-    return asyncio.run(run_chat(url, conversation_id=args.conversation, token=args.token))
+    return asyncio.run(
+        run_chat(url, conversation_id=args.conversation, token=args.token, model=args.model)
+    )
 
 
 async def _serve(settings: Settings) -> int:
     from .app import running
+    from .banner import auth_mode, banner
 
     log = logging.getLogger("cortex")
     stop = asyncio.Event()
@@ -90,34 +182,24 @@ async def _serve(settings: Settings) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     async with running(settings) as app:
-        model = settings.model()
-        log.info(
-            "cortex %s listening on http://%s:%d (WebSocket at /ws), database %s, model %s%s",
-            __version__,
-            settings.host,
-            app.port,
-            _safe_url(settings.database_url),
-            model,
-            " (built-in mock: set CORTEX_DEFAULT_MODEL and a provider key for a real one)"
-            if model == MOCK_MODEL
-            else "",
+        required = app.gate is not None and app.gate.authenticator.required
+        event(
+            log,
+            "started",
+            version=__version__,
+            address=f"http://{settings.host}:{app.port}/",
+            database=safe_url(settings.database_url),
+            model=settings.model(),
+            auth=auth_mode(settings, required),
         )
+        for line in banner(app):
+            print(line, flush=True)
         print(f"Cortex is running: open http://{settings.host}:{app.port}/", flush=True)
         await stop.wait()
         log.info(
             "shutting down: finishing replies in progress (up to %gs)", settings.shutdown_grace_s
         )
     return 0
-
-
-def _safe_url(url: str) -> str:
-    """The database URL without its password, for logs."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
 
 
 if __name__ == "__main__":

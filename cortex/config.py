@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     static_dir: Path = STATIC_DIR
     log_level: str = "INFO"
 
+    # Operations (docs/operations.md).
+    log_format: Literal["text", "json"] = "text"
+    log_content: bool = False  # message and reply text in logs: off unless asked for
+    auto_title: bool = False  # ask the model for a short title after a conversation's first reply
+    metrics_public: bool = False  # /metrics without any token (a private network scrapes it)
+    metrics_token: SecretStr | None = None  # the one bearer token /metrics accepts, when set
+
     # Access (docs/auth.md). `auth_tokens` is a SecretStr so that a repr of the settings (a log
     # line, a traceback) never shows a token.
     auth: Literal["auto", "token", "none"] = "auto"
@@ -90,10 +97,18 @@ class Settings(BaseSettings):
     allowed_origins: CsvList = Field(default_factory=list)
     auth_recheck_s: float = Field(default=30.0, gt=0)
 
-    @field_validator("auth", mode="before")
+    @field_validator("auth", "log_format", mode="before")
     @classmethod
     def _lower_auth(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

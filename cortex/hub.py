@@ -45,6 +45,11 @@ class Hub:
         for conversation_id in list(self._by_sub.get(sub, ())):
             self.unsubscribe(conversation_id, sub)
 
+    def forget(self, conversation_id: str) -> None:
+        """Drop every subscription to a conversation (it was deleted)."""
+        for sub in tuple(self._subs.get(conversation_id, ())):
+            self.unsubscribe(conversation_id, sub)
+
     def is_subscribed(self, conversation_id: str, sub: Subscriber) -> bool:
         return sub in self._subs.get(conversation_id, {})
 

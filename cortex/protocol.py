@@ -20,6 +20,10 @@ Id = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A
 RequestId = Annotated[str, StringConstraints(max_length=128)]
 Seq = Annotated[int, Field(ge=0, le=2**53)]
 Limit = Annotated[int, Field(ge=1, le=200)]
+ModelName = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+SystemPrompt = Annotated[str, StringConstraints(max_length=20_000)]
+Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
+Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
 
 class _Inbound(BaseModel):
@@ -34,8 +38,9 @@ class Send(_Inbound):
     conversation_id: Id | None = None
     content: str
     client_msg_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
-    model: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
-    system_prompt: Annotated[str, StringConstraints(max_length=20_000)] | None = None
+    model: ModelName | None = None
+    system_prompt: SystemPrompt | None = None
+    temperature: Temperature | None = None
     tools: (
         Annotated[list[Annotated[str, StringConstraints(max_length=64)]], Field(max_length=64)]
         | None
@@ -75,13 +80,66 @@ class Ping(_Inbound):
     type: Literal["ping"]
 
 
+class Rename(_Inbound):
+    """Set a conversation's title (1 to 200 characters after trimming)."""
+
+    type: Literal["rename"]
+    conversation_id: Id
+    title: Title
+
+
+class Delete(_Inbound):
+    """Delete a conversation and every message in it; a reply in progress is cancelled."""
+
+    type: Literal["delete"]
+    conversation_id: Id
+
+
+class Configure(_Inbound):
+    """Change a conversation's settings for its next replies.
+
+    A field left out is unchanged; a field set to null goes back to the server's default.
+    """
+
+    type: Literal["configure"]
+    conversation_id: Id
+    model: ModelName | None = None
+    system_prompt: SystemPrompt | None = None
+    temperature: Temperature | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The settings this frame names, with their new values (None: the server default)."""
+        named = self.model_fields_set & {"model", "system_prompt", "temperature"}
+        return {name: getattr(self, name) for name in sorted(named)}
+
+
 InboundFrame = Annotated[
-    Send | Subscribe | Unsubscribe | History | Conversations | Cancel | Ping,
+    Send
+    | Subscribe
+    | Unsubscribe
+    | History
+    | Conversations
+    | Cancel
+    | Ping
+    | Rename
+    | Delete
+    | Configure,
     Field(discriminator="type"),
 ]
 _INBOUND: TypeAdapter[InboundFrame] = TypeAdapter(InboundFrame)
 INBOUND_TYPES = frozenset(
-    {"send", "subscribe", "unsubscribe", "history", "conversations", "cancel", "ping"}
+    {
+        "send",
+        "subscribe",
+        "unsubscribe",
+        "history",
+        "conversations",
+        "cancel",
+        "ping",
+        "rename",
+        "delete",
+        "configure",
+    }
 )
 
 
@@ -167,6 +225,8 @@ class ConversationView(BaseModel):
     id: str
     title: str
     model: str | None = None
+    system_prompt: str | None = None
+    temperature: float | None = None
     created_at: str
     updated_at: str
     last_seq: int
@@ -233,6 +293,15 @@ class ConversationsPage(_Outbound):
     items: list[ConversationView]
     has_more: bool
     request_id: str | None = None
+
+
+class ConversationEvent(_Outbound):
+    """A conversation was renamed, configured or titled (`conversation`), or deleted."""
+
+    type: Literal["conversation"] = "conversation"
+    conversation_id: str
+    conversation: ConversationView | None = None
+    deleted: bool | None = None
 
 
 class ErrorEvent(_Outbound):

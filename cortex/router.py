@@ -32,6 +32,7 @@ from .protocol import (
     Typing,
     delta_frame,
 )
+from .telemetry import ReplyTrace, Telemetry
 from .views import conversation_view, message_event, message_view, openai_messages
 
 if TYPE_CHECKING:
@@ -66,6 +67,20 @@ class PendingReply:
     model: str | None
     tools: tuple[str, ...] | None
     cancel_requested: bool = False
+    temperature: float | None = None  # this reply only; else the conversation's
+    request_id: str | None = None  # of the send, for the logs
+    connection_id: int | None = None
+
+
+@dataclass(slots=True)
+class _Plan:
+    """How one reply is generated: settled once, when it starts."""
+
+    model: str
+    system_prompt: str
+    temperature: float | None
+    specs: list[dict[str, Any]]
+    trace: ReplyTrace
 
 
 @dataclass(slots=True)
@@ -86,12 +101,14 @@ class Router:
         llm: LlmBackend,
         hub: Hub,
         tools: ToolRegistry | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.llm = llm
         self.hub = hub
         self.tools = tools
+        self.telemetry = telemetry if telemetry is not None else Telemetry(settings)
         self._pending: dict[str, deque[PendingReply]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._active: dict[str, ActiveReply] = {}
@@ -129,6 +146,7 @@ class Router:
                 client_msg_id=frame.client_msg_id,
                 model=model,
                 system_prompt=frame.system_prompt,
+                temperature=frame.temperature,
             )
             if stored is None:
                 raise NotFound("no such conversation")
@@ -145,7 +163,27 @@ class Router:
             if not created:
                 return  # an idempotent retry: acknowledged again, nothing else
             self.hub.publish(conv.id, message_event(message))
-        self._enqueue(conv.id, PendingReply(seq=message.seq, model=model, tools=tools))
+        connection_id = getattr(client, "id", None)
+        self.telemetry.message_stored(
+            user=owner,
+            conversation_id=conv.id,
+            seq=message.seq,
+            content=frame.content,
+            created=frame.conversation_id is None,
+            request_id=frame.request_id,
+            connection_id=connection_id,
+        )
+        self._enqueue(
+            conv.id,
+            PendingReply(
+                seq=message.seq,
+                model=model,
+                tools=tools,
+                temperature=frame.temperature,
+                request_id=frame.request_id,
+                connection_id=connection_id,
+            ),
+        )
 
     async def subscribe(
         self,
@@ -227,6 +265,23 @@ class Router:
         worker.cancel()
         return True
 
+    async def abandon(self, conversation_id: str, *, grace: float = 10.0) -> None:
+        """Drop the queued messages of a conversation, cancel its reply, wait for it to stop.
+
+        For deleting a conversation: afterwards no reply of it writes to the store.
+        """
+        queue = self._pending.get(conversation_id)
+        if queue is not None:
+            queue.clear()
+        current = self._current.get(conversation_id)
+        worker = self._workers.get(conversation_id)
+        if worker is None:
+            return
+        if current is not None:
+            current.cancel_requested = True
+        worker.cancel()
+        await asyncio.wait({worker}, timeout=grace)
+
     # ---- reply generation ---------------------------------------------------------------
 
     def _enqueue(self, conversation_id: str, pending: PendingReply) -> None:
@@ -266,42 +321,49 @@ class Router:
         if conv is None:
             return
         model = pending.model or conv.model or self.llm.default_model()
-        system_prompt = conv.system_prompt or self.settings.system_prompt
-        specs = self._tool_specs(pending.tools)
+        temperature = pending.temperature
+        plan = _Plan(
+            model=model,
+            system_prompt=conv.system_prompt or self.settings.system_prompt,
+            temperature=temperature if temperature is not None else conv.temperature,
+            specs=self._tool_specs(pending.tools),
+            trace=self.telemetry.reply(
+                conversation_id=conversation_id,
+                model=model,
+                user_seq=pending.seq,
+                request_id=pending.request_id,
+                connection_id=pending.connection_id,
+            ),
+        )
         self.hub.publish(
             conversation_id, Typing(conversation_id=conversation_id, active=True).encode()
         )
         try:
             rounds = 0
             while True:
-                result = await self._turn(conversation_id, pending, model, system_prompt, specs)
+                result = await self._turn(conversation_id, pending, plan)
                 if not result.calls:
                     return
                 rounds += 1
                 await self._run_tools(
-                    conversation_id, result.message_id, result.calls, pending.tools
+                    conversation_id, result.message_id, result.calls, pending.tools, plan.trace
                 )
                 if rounds >= self.settings.max_tool_rounds:
                     await self._tool_limit_reached(conversation_id, model)
+                    plan.trace.failed("tool_error")
                     return
         finally:
             self.hub.publish(
                 conversation_id, Typing(conversation_id=conversation_id, active=False).encode()
             )
+            plan.trace.end()
 
     def _tool_specs(self, names: tuple[str, ...] | None) -> list[dict[str, Any]]:
         if self.tools is None:
             return []
         return self.tools.specs(names)
 
-    async def _turn(
-        self,
-        conversation_id: str,
-        pending: PendingReply,
-        model: str,
-        system_prompt: str,
-        specs: Sequence[dict[str, Any]],
-    ) -> _TurnResult:
+    async def _turn(self, conversation_id: str, pending: PendingReply, plan: _Plan) -> _TurnResult:
         """One model turn into one assistant row: streamed, checkpointed, then finalised."""
         async with self._lock(conversation_id):
             row = await self.store.add_message(
@@ -309,19 +371,17 @@ class Router:
                 role="assistant",
                 content="",
                 status="streaming",
-                model=model,
+                model=plan.model,
             )
             active = ActiveReply(message_id=row.id, seq=row.seq)
             self._active[conversation_id] = active
             self.hub.publish(conversation_id, message_event(row))
         history = await self.store.context(conversation_id, upto_user_seq=pending.seq)
-        messages = self.llm_trim(openai_messages(history), model)
+        messages = self.llm_trim(openai_messages(history), plan.model)
         result = _TurnResult(message_id=row.id)
         status, error = "complete", None
         try:
-            await self._stream(
-                conversation_id, active, result, messages, model, system_prompt, specs
-            )
+            await self._stream(conversation_id, active, result, messages, plan)
         except asyncio.CancelledError:
             status = "cancelled" if pending.cancel_requested else "interrupted"
             raise
@@ -333,6 +393,15 @@ class Router:
             error.__cause__ = exc
         finally:
             result.text = active.text()
+            usage = result.usage
+            plan.trace.turn_finished(
+                status=status,
+                error_code=error.code if error is not None else None,
+                text=result.text,
+                prompt_tokens=usage.prompt_tokens if usage is not None else None,
+                completion_tokens=usage.completion_tokens if usage is not None else None,
+                cost_usd=usage.cost_usd if usage is not None else None,
+            )
             await self._finish_row(conversation_id, row.id, active, result, status, error)
         return result
 
@@ -346,18 +415,22 @@ class Router:
         active: ActiveReply,
         result: _TurnResult,
         messages: list[dict[str, Any]],
-        model: str,
-        system_prompt: str,
-        specs: Sequence[dict[str, Any]],
+        plan: _Plan,
     ) -> None:
         interval = self.settings.checkpoint_ms / 1000
         next_checkpoint = time.monotonic() + interval
         publish = self.hub.publish
         async for event in self.llm.stream(
-            messages, model=model, system_prompt=system_prompt, tools=specs or None
+            messages,
+            model=plan.model,
+            system_prompt=plan.system_prompt,
+            temperature=plan.temperature,
+            tools=plan.specs or None,
         ):
             if isinstance(event, TextDelta):
                 text = event.text
+                if not active.length:
+                    plan.trace.first_token()
                 publish(
                     conversation_id,
                     delta_frame(conversation_id, active.message_id, active.length, text),
@@ -420,6 +493,7 @@ class Router:
         active_id: str,
         calls: Sequence[ToolCall],
         allowed: tuple[str, ...] | None,
+        trace: ReplyTrace,
     ) -> None:
         """Run every call of one turn concurrently; store and announce each result."""
         for call in calls:
@@ -433,7 +507,7 @@ class Router:
                     arguments=parse_arguments(call.arguments),
                 ).encode(),
             )
-        results = await asyncio.gather(*(self._run_tool(call, allowed) for call in calls))
+        results = await asyncio.gather(*(self._run_tool(call, allowed, trace) for call in calls))
         for call, outcome in zip(calls, results, strict=True):
             async with self._lock(conversation_id):
                 row = await self.store.add_message(
@@ -457,11 +531,16 @@ class Router:
                 )
                 self.hub.publish(conversation_id, message_event(row))
 
-    async def _run_tool(self, call: ToolCall, allowed: tuple[str, ...] | None) -> ToolResult:
+    async def _run_tool(
+        self, call: ToolCall, allowed: tuple[str, ...] | None, trace: ReplyTrace
+    ) -> ToolResult:
         assert self.tools is not None  # a model only calls tools it was given
-        return await self.tools.run(
+        started = time.monotonic()
+        outcome = await self.tools.run(
             call.name, call.arguments, timeout=self.settings.tool_timeout, allowed=allowed
         )
+        trace.tool_finished(call.name, outcome.ok, time.monotonic() - started)
+        return outcome
 
     async def _tool_limit_reached(self, conversation_id: str, model: str) -> None:
         text = TOOL_LIMIT_TEXT.format(n=self.settings.max_tool_rounds)
@@ -485,6 +564,10 @@ class Router:
 
     def busy(self) -> bool:
         return bool(self._workers)
+
+    def in_progress(self) -> int:
+        """How many conversations are generating a reply now (a metric)."""
+        return len(self._workers)
 
     async def drain(self, grace: float) -> None:
         """Let replies in progress finish for up to `grace` seconds, then interrupt the rest."""

@@ -19,16 +19,21 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from .errors import CortexError, Internal, RateLimited
+from .logs import CONNECTION, CONVERSATION, REQUEST, event
+from .metrics import INVALID, RATE_LIMITED
 from .protocol import (
     Ack,
     Cancel,
+    Configure,
     Conversations,
+    Delete,
     DeltaFrame,
     ErrorEvent,
     History,
     InboundFrame,
     Ping,
     Pong,
+    Rename,
     Send,
     Subscribe,
     Unsubscribe,
@@ -80,6 +85,9 @@ class Connection:
         self._bucket = TokenBucket(s.rate_per_s, s.rate_burst)
         self._strikes = 0
         self.closing = False
+        self.opened = time.monotonic()
+        self.frames_in = 0
+        self.frames_out = 0
 
     def deliver(self, frame: str) -> None:
         if self.closing:
@@ -105,6 +113,7 @@ class Connection:
 
     async def write_loop(self) -> None:
         queue, ws = self._queue, self.ws
+        count = self.app.metrics.frame_out  # a dict increment per frame, no lock
         try:
             while not self.closing:
                 if not queue:
@@ -117,10 +126,13 @@ class Connection:
                     frame, taken = take_merged_delta(frame, queue)
                     self._queued_chars -= taken
                 await ws.send(frame)
+                self.frames_out += 1
+                count(frame)
         except ConnectionClosed:
             pass
 
     async def serve(self) -> None:
+        CONNECTION.set(self.id)  # every line logged while handling this client names it
         writer = asyncio.create_task(self.write_loop(), name=f"writer:{self.id}")
         try:
             async for raw in self.ws:
@@ -139,7 +151,10 @@ class Connection:
     async def dispatch(self, raw: str | bytes) -> None:
         request_id: str | None = None
         conversation_id: str | None = None
+        self.frames_in += 1
+        metrics = self.app.metrics
         if not self._bucket.take():
+            metrics.frame_in(RATE_LIMITED)
             self._strikes += 1
             if self._strikes >= self.app.settings.rate_strikes:
                 self.close(CloseCode.POLICY_VIOLATION, "flood: too many frames")
@@ -148,13 +163,25 @@ class Connection:
             return
         self._strikes = 0
         try:
-            frame = parse_frame(raw, max_message_chars=self.app.settings.max_message_chars)
+            try:
+                frame = parse_frame(raw, max_message_chars=self.app.settings.max_message_chars)
+            except CortexError:
+                metrics.frame_in(INVALID)
+                raise
+            metrics.frame_in(frame.type)
             request_id = frame.request_id
             conversation_id = getattr(frame, "conversation_id", None)
-            await self.handle(frame)
+            request_var = REQUEST.set(request_id)
+            conversation_var = CONVERSATION.set(conversation_id)
+            try:
+                await self.handle(frame)
+            finally:
+                REQUEST.reset(request_var)
+                CONVERSATION.reset(conversation_var)
         except CortexError as exc:
             if request_id is None:
                 request_id = request_id_of(raw)
+            event(log, "frame error", logging.DEBUG, code=exc.code, req=request_id)
             self.send_error(exc, request_id, conversation_id)
         except Exception:
             log.exception("frame handling failed (connection %s)", self.id)
@@ -208,3 +235,5 @@ class Connection:
             )
         elif isinstance(frame, Ping):
             self.deliver(Pong(request_id=frame.request_id).encode())
+        elif isinstance(frame, Rename | Delete | Configure):
+            await self.app.manager.handle(owner, frame, self)

@@ -31,6 +31,8 @@ class ConversationRow(Protocol):
     id: str
     title: str
     model: str | None
+    system_prompt: str | None
+    temperature: float | None
     created_at: datetime
     updated_at: datetime
     last_seq: int
@@ -77,6 +79,8 @@ def conversation_view(row: ConversationRow) -> ConversationView:
         id=row.id,
         title=row.title,
         model=row.model,
+        system_prompt=row.system_prompt,
+        temperature=row.temperature,
         created_at=iso(row.created_at),
         updated_at=iso(row.updated_at),
         last_seq=row.last_seq,

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from . import export
 from .views import conversation_view, message_view
 
 if TYPE_CHECKING:
@@ -98,6 +99,8 @@ class HttpRoutes:
     async def api(self, path: str, query: dict[str, list[str]], owner: str) -> Response:
         parts = path.strip("/").split("/")
         store = self.app.store
+        if len(parts) == 4 and parts[:2] == ["api", "conversations"] and parts[3] == "export":
+            return await self.export(parts[2], query, owner)
         try:
             limit = min(int(query.get("limit", ["50"])[0]), self.app.settings.history_page_max)
             before_seq_raw = query.get("before_seq", [None])[0]
@@ -132,6 +135,29 @@ class HttpRoutes:
                 },
             )
         return error_response(404, "not_found", "no such route")
+
+    async def export(
+        self, conversation_id: str, query: dict[str, list[str]], owner: str
+    ) -> Response:
+        """The whole conversation as a JSON or Markdown attachment."""
+        fmt = query.get("format", ["json"])[0]
+        if fmt not in export.FORMATS:
+            return error_response(400, "bad_frame", "format must be json or md")
+        store = self.app.store
+        conv = await store.get_conversation(conversation_id, owner=owner)
+        if conv is None:
+            return error_response(404, "not_found", "no such conversation")
+        rows: list[Any] = []
+        while True:
+            page, more = await store.messages(
+                conversation_id, after_seq=rows[-1].seq if rows else 0, limit=500
+            )
+            rows.extend(page)
+            if not more or not page:
+                break
+        body = export.render(conv, rows, fmt)
+        disposition = f'attachment; filename="{export.filename(conv, fmt)}"'
+        return respond(200, body, export.content_type(fmt), (("Content-Disposition", disposition),))
 
     def static(self, path: str) -> Response:
         root = self.app.settings.static_dir.resolve()

@@ -35,6 +35,7 @@ class Conversation(Base):
     title: Mapped[str] = mapped_column(String(200), default="")
     model: Mapped[str | None] = mapped_column(String(200))
     system_prompt: Mapped[str | None] = mapped_column(Text)
+    temperature: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seq: Mapped[int] = mapped_column(Integer, default=0)

@@ -6,14 +6,17 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from ..errors import Internal
 from .models import Conversation, Message, new_id, utcnow
+from .timing import Observer, timed
 
 TITLE_CHARS = 80
+# What `update_conversation` may change: the per-conversation settings and the title.
+CONVERSATION_SETTINGS = frozenset({"title", "model", "system_prompt", "temperature"})
 # A reply's context keeps assistant text the user has seen; failed partial replies are left out.
 _CONTEXT_STATUSES = ("complete", "cancelled", "interrupted")
 
@@ -25,9 +28,10 @@ class StoreError(Internal):
 class Store:
     """Async repository over one engine; each call is one short transaction."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, observe: Observer | None = None) -> None:
         self.engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self.observe = observe  # (operation, seconds) of each call: the database latency metric
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[AsyncSession]:
@@ -39,6 +43,7 @@ class Store:
         except SQLAlchemyError as exc:
             raise StoreError(f"database error: {type(exc).__name__}") from exc
 
+    @timed
     async def ping(self) -> bool:
         try:
             async with self._tx() as session:
@@ -49,17 +54,20 @@ class Store:
 
     # ---- conversations ------------------------------------------------------------------
 
+    @timed
     async def get_conversation(self, conversation_id: str, *, owner: str) -> Conversation | None:
         """The conversation if it exists and belongs to `owner`; None otherwise (no probing)."""
         async with self._tx() as session:
             conv = await session.get(Conversation, conversation_id)
         return conv if conv is not None and conv.owner == owner else None
 
+    @timed
     async def get_conversation_any(self, conversation_id: str) -> Conversation | None:
         """For the server's own use (replies), whoever the owner is."""
         async with self._tx() as session:
             return await session.get(Conversation, conversation_id)
 
+    @timed
     async def conversations(
         self, *, owner: str, before: str | None = None, limit: int = 50
     ) -> tuple[list[Conversation], bool]:
@@ -87,8 +95,61 @@ class Store:
             ).all()
         return list(rows[:limit]), len(rows) > limit
 
+    @timed
+    async def update_conversation(
+        self, conversation_id: str, *, owner: str, **fields: Any
+    ) -> Conversation | None:
+        """Change the title or settings of the owner's conversation; None if it is not theirs.
+
+        `updated_at` is left alone: it orders conversations by activity, and a rename is not.
+        """
+        unknown = set(fields) - CONVERSATION_SETTINGS
+        if unknown:
+            raise ValueError(f"not a conversation setting: {', '.join(sorted(unknown))}")
+        async with self._tx() as session:
+            conv = await session.get(Conversation, conversation_id)
+            if conv is None or conv.owner != owner:
+                return None
+            for name, value in fields.items():
+                setattr(conv, name, value)
+            return conv
+
+    @timed
+    async def set_title_if(
+        self, conversation_id: str, *, expected: str, title: str
+    ) -> Conversation | None:
+        """Replace the title only if it is still `expected` (nobody renamed it meanwhile)."""
+        async with self._tx() as session:
+            result = await session.execute(
+                update(Conversation)
+                .where(Conversation.id == conversation_id, Conversation.title == expected)
+                .values(title=title)
+            )
+            if not getattr(result, "rowcount", 0):
+                return None
+            return await session.get(Conversation, conversation_id)
+
+    @timed
+    async def delete_conversation(self, conversation_id: str, *, owner: str) -> int | None:
+        """Delete the owner's conversation with all its messages: how many messages went.
+
+        None if the conversation does not exist or is not the owner's.
+        """
+        async with self._tx() as session:
+            conv = await session.get(Conversation, conversation_id)
+            if conv is None or conv.owner != owner:
+                return None
+            # Messages first: the foreign key cascades too, but only where the database enforces
+            # it (SQLite needs a pragma), and an explicit delete does not depend on that.
+            result = await session.execute(
+                delete(Message).where(Message.conversation_id == conversation_id)
+            )
+            await session.execute(delete(Conversation).where(Conversation.id == conversation_id))
+            return int(getattr(result, "rowcount", 0) or 0)
+
     # ---- messages -----------------------------------------------------------------------
 
+    @timed
     async def add_user_message(
         self,
         *,
@@ -98,6 +159,7 @@ class Store:
         client_msg_id: str | None,
         model: str | None = None,
         system_prompt: str | None = None,
+        temperature: float | None = None,
     ) -> tuple[Conversation, Message, bool] | None:
         """Store a user message, creating the conversation when `conversation_id` is None.
 
@@ -113,6 +175,7 @@ class Store:
                     client_msg_id=client_msg_id,
                     model=model,
                     system_prompt=system_prompt,
+                    temperature=temperature,
                 )
             except IntegrityError:
                 # A concurrent retry of the same client_msg_id won the insert: read it back.
@@ -129,6 +192,7 @@ class Store:
         client_msg_id: str | None,
         model: str | None,
         system_prompt: str | None,
+        temperature: float | None,
     ) -> tuple[Conversation, Message, bool] | None:
         async with self._tx() as session:
             if client_msg_id is not None:
@@ -142,6 +206,7 @@ class Store:
                     title=_title(content),
                     model=model,
                     system_prompt=system_prompt,
+                    temperature=temperature,
                     last_seq=0,
                 )
                 session.add(conv)
@@ -199,11 +264,13 @@ class Store:
         await session.flush()
         return message
 
+    @timed
     async def add_message(self, *, conversation_id: str, role: str, **fields: Any) -> Message:
         """Store an assistant, tool or system message at the next seq."""
         async with self._tx() as session:
             return await self._insert(session, conversation_id, role=role, **fields)
 
+    @timed
     async def update_message(self, message_id: str, **fields: Any) -> None:
         async with self._tx() as session:
             await session.execute(
@@ -212,10 +279,12 @@ class Store:
                 .values(updated_at=utcnow(), **fields)
             )
 
+    @timed
     async def get_message(self, message_id: str) -> Message | None:
         async with self._tx() as session:
             return await session.get(Message, message_id)
 
+    @timed
     async def messages(
         self,
         conversation_id: str,
@@ -243,6 +312,7 @@ class Store:
         page.reverse()
         return page, len(rows) > limit
 
+    @timed
     async def context(self, conversation_id: str, *, upto_user_seq: int) -> list[Message]:
         """What the model sees for the reply to user message `upto_user_seq`.
 
@@ -262,6 +332,7 @@ class Store:
         async with self._tx() as session:
             return list((await session.scalars(query)).all())
 
+    @timed
     async def recover_interrupted(self) -> int:
         """Rows left `streaming` by a process that died become `interrupted` (text kept)."""
         async with self._tx() as session:
@@ -272,6 +343,7 @@ class Store:
             )
         return int(getattr(result, "rowcount", 0) or 0)
 
+    @timed
     async def count_messages(self, conversation_id: str) -> int:
         async with self._tx() as session:
             return int(

@@ -11,13 +11,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from .models import Token, utcnow
 from .repo import StoreError
+from .timing import Observer, timed
 
 
 class TokenStore:
     """Stored API tokens over one engine; each call is one short transaction."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, observe: Observer | None = None) -> None:
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self.observe = observe
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[AsyncSession]:
@@ -39,6 +41,7 @@ class TokenStore:
         async with self._tx() as session:
             return list((await session.scalars(select(Token).order_by(Token.id))).all())
 
+    @timed
     async def find_active(self, token_hash: str) -> Token | None:
         """The unrevoked token with this hash. Read on every handshake: revocation is immediate."""
         query = select(Token).where(Token.token_hash == token_hash, Token.revoked_at.is_(None))
@@ -59,17 +62,20 @@ class TokenStore:
             token.revoked_at = utcnow()
             return token, True
 
+    @timed
     async def touch(self, token_id: int) -> None:
         async with self._tx() as session:
             await session.execute(
                 update(Token).where(Token.id == token_id).values(last_used_at=utcnow())
             )
 
+    @timed
     async def count_active(self) -> int:
         query = select(func.count()).select_from(Token).where(Token.revoked_at.is_(None))
         async with self._tx() as session:
             return int((await session.scalar(query)) or 0)
 
+    @timed
     async def revoked_among(self, token_ids: Collection[int]) -> set[int]:
         """Which of these ids are no longer valid (revoked, or deleted by hand)."""
         if not token_ids:
