@@ -1,0 +1,420 @@
+"""What Cortex adds to a streamed reply, against LiteLLM called directly, in one run.
+
+    .venv/bin/python bench/stream_overhead.py [--chunks 500] [--repeat 5] [--concurrency 1 ...]
+                                              [--all] [--json]
+
+Three processes, all on 127.0.0.1: the fake OpenAI-compatible provider (one word per chunk,
+no delay), a `cortex serve` process, and this script.
+
+(a) direct: this script calls `litellm.acompletion(..., stream=True)` against the fake provider
+    and iterates every chunk: time to the first content chunk, and chunks/s from the call to the
+    end of the stream.
+(b) cortex: this script, as WebSocket client(s), sends a message to the Cortex process, which
+    calls LiteLLM the same way and relays each chunk as a `delta`: time from `send` to the
+    first `delta`, and chunks/s from `send` to the final stored `message`.
+
+Cortex runs in its own process, not in-process with `running()`: in-process, the client's
+frame parsing and the server's work would share one event loop and one core, so the figure
+would charge the client's CPU to Cortex (and a 2-core machine would leave one core idle). The
+fake provider is a process of its own in both modes, so it costs both modes the same.
+Both modes alternate within each repeat so that drift (thermal, other load) hits both alike.
+Ratios are cortex/direct: throughput >= 1 would mean Cortex is as fast as LiteLLM alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from _common import (
+    REPO,
+    Child,
+    ForeignLoad,
+    children,
+    log_problems,
+    machine,
+    median,
+    proc_cpu_seconds,
+    proc_status,
+    start_cortex,
+    start_fake_provider,
+)
+from websockets.asyncio.client import ClientConnection, connect
+
+SYSTEM_PROMPT = "You are a helpful assistant."  # Cortex's default, sent by both modes
+PROMPT = "Please write a long answer."
+TIMEOUT = 120.0
+
+
+@dataclass
+class StreamTiming:
+    """One stream: seconds from the request to its first content chunk and to its end."""
+
+    first: float
+    total: float
+    chunks: int  # content chunks (direct) or delta frames (cortex) received
+
+
+@dataclass
+class Batch:
+    """C concurrent streams started together."""
+
+    wall: float  # first request to last end
+    cpu: float  # CPU seconds of the process doing the LiteLLM work (this one or the server)
+    streams: list[StreamTiming]
+
+
+@dataclass
+class Summary:
+    mode: str
+    concurrency: int
+    repeats: int
+    first_chunk_ms: float  # median over every stream of every repeat
+    total_ms: float  # median over repeats of the batch wall time
+    chunks_per_s: float  # C * chunks / median wall time
+    cpu_us_per_chunk: float  # over all repeats
+    frames_per_stream: float  # median content chunks / delta frames per stream
+    batches: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- (a) LiteLLM directly
+
+
+Hook = Callable[[Any], None]
+
+
+def window_hook() -> Hook | None:
+    """Cortex's bound on LiteLLM's per-stream chunk list, if this Cortex has one.
+
+    LiteLLM keeps every chunk of a stream and works over the whole list at its end; Cortex
+    replaces that list with a short window. Applied to a direct call, it gives a second
+    baseline: what is left of the difference is Cortex's own work.
+    """
+    from cortex import llm
+
+    hook = getattr(llm, "_bound_chunk_history", None)
+    return hook if callable(hook) else None
+
+
+async def direct_stream(litellm: ModuleType, api_base: str, hook: Hook | None) -> StreamTiming:
+    start = time.perf_counter()
+    first = 0.0
+    chunks = 0
+    response = await litellm.acompletion(
+        model="openai/fake",
+        api_base=api_base,
+        api_key="sk-fake",
+        messages=[
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": PROMPT},
+        ],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    if hook is not None:
+        hook(response)
+    async for chunk in response:
+        if chunk.choices and chunk.choices[0].delta.content:
+            if not first:
+                first = time.perf_counter()
+            chunks += 1
+    end = time.perf_counter()
+    return StreamTiming(first=first - start, total=end - start, chunks=chunks)
+
+
+async def direct_batch(
+    litellm: ModuleType, api_base: str, concurrency: int, hook: Hook | None = None
+) -> Batch:
+    cpu0 = time.process_time()
+    start = time.perf_counter()
+    async with asyncio.timeout(TIMEOUT):
+        streams = await asyncio.gather(
+            *(direct_stream(litellm, api_base, hook) for _ in range(concurrency))
+        )
+    wall = time.perf_counter() - start
+    return Batch(wall=wall, cpu=time.process_time() - cpu0, streams=list(streams))
+
+
+# ------------------------------------------------------------------------ (b) through Cortex
+
+_rids = itertools.count(1)
+
+
+async def cortex_stream(ws: ClientConnection) -> StreamTiming:
+    """Send a message in a new conversation; read up to the reply's final `message`."""
+    rid = f"b{next(_rids)}"
+    frame = json.dumps({"type": "send", "content": PROMPT, "client_msg_id": rid})
+    start = time.perf_counter()
+    await ws.send(frame)
+    first = 0.0
+    deltas = 0
+    while True:
+        event = json.loads(await ws.recv())
+        kind = event["type"]
+        if kind == "delta":
+            if not first:
+                first = time.perf_counter()
+            deltas += 1
+        elif kind == "message":
+            message = event["message"]
+            if message["role"] == "assistant" and message["status"] != "streaming":
+                end = time.perf_counter()
+                if message["status"] != "complete":
+                    raise RuntimeError(f"reply ended {message['status']}: {message}")
+                break
+        elif kind == "error":
+            raise RuntimeError(f"error event: {event}")
+    return StreamTiming(first=first - start, total=end - start, chunks=deltas)
+
+
+async def cortex_batch(clients: list[ClientConnection], server: Child) -> Batch:
+    cpu0 = proc_cpu_seconds(server.pid)
+    start = time.perf_counter()
+    async with asyncio.timeout(TIMEOUT):
+        streams = await asyncio.gather(*(cortex_stream(ws) for ws in clients))
+    wall = time.perf_counter() - start
+    # Let the reply's last bookkeeping (typing off) finish before reading the CPU clock.
+    await asyncio.sleep(0.05)
+    return Batch(wall=wall, cpu=proc_cpu_seconds(server.pid) - cpu0, streams=list(streams))
+
+
+async def drain(ws: ClientConnection) -> None:
+    """Read what is left of the previous reply (typing off) so the next timing starts clean."""
+    with contextlib.suppress(TimeoutError):
+        while True:
+            await asyncio.wait_for(ws.recv(), 0.02)
+
+
+# ------------------------------------------------------------------------------- the run
+
+
+def summarize(mode: str, concurrency: int, chunks: int, batches: list[Batch]) -> Summary:
+    walls = [b.wall for b in batches]
+    firsts = [s.first for b in batches for s in b.streams]
+    frames = [float(s.chunks) for b in batches for s in b.streams]
+    cpu = sum(b.cpu for b in batches)
+    total_chunks = chunks * concurrency * len(batches)
+    return Summary(
+        mode=mode,
+        concurrency=concurrency,
+        repeats=len(batches),
+        first_chunk_ms=median(firsts) * 1000,
+        total_ms=median(walls) * 1000,
+        chunks_per_s=concurrency * chunks / median(walls),
+        cpu_us_per_chunk=cpu / total_chunks * 1e6,
+        frames_per_stream=median(frames),
+        batches=[
+            {
+                "wall_ms": round(b.wall * 1000, 2),
+                "cpu_ms": round(b.cpu * 1000, 1),
+                "first_ms": [round(s.first * 1000, 2) for s in b.streams],
+            }
+            for b in batches
+        ],
+    )
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from cortex.llm import load_litellm  # the same LiteLLM settings as the Cortex process
+
+    with tempfile.TemporaryDirectory(prefix="cortex-bench-") as tmp:
+        workdir = Path(tmp)
+        async with children() as started:
+            fake = await start_fake_provider(
+                [
+                    "-m",
+                    "cortex.testing.fake_openai",
+                    "--port",
+                    "0",
+                    "--words",
+                    str(args.chunks),
+                    "--chunk-delay",
+                    str(args.chunk_delay),
+                ],
+                workdir,
+            )
+            started.append(fake)
+            # LiteLLM's import (seconds) in this process overlaps the server's start-up.
+            server_task = asyncio.create_task(start_cortex(workdir, fake.url))
+            litellm = await asyncio.to_thread(load_litellm)
+            hook = None if args.no_window_baseline else window_hook()
+            server = await server_task
+            started.append(server)
+            idle_rss = proc_status(server.pid).get("VmRSS", 0)
+            pids = (fake.pid, server.pid)
+            ours0 = time.process_time() + sum(proc_cpu_seconds(p) for p in pids)
+            foreign = ForeignLoad()
+            results: list[Summary] = []
+            peaks: dict[int, int] = {}
+            for concurrency in args.concurrency:
+                clients = [
+                    await connect(server.url, compression=None, max_size=None, open_timeout=30)
+                    for _ in range(concurrency)
+                ]
+                try:
+                    # Warm-up (not counted): first-call costs of LiteLLM and of the server.
+                    await direct_batch(litellm, fake.url, concurrency)
+                    await cortex_batch(clients, server)
+                    direct: list[Batch] = []
+                    windowed: list[Batch] = []
+                    cortex: list[Batch] = []
+                    for _ in range(args.repeat):
+                        await asyncio.gather(*(drain(ws) for ws in clients))
+                        direct.append(await direct_batch(litellm, fake.url, concurrency))
+                        if hook is not None:
+                            windowed.append(
+                                await direct_batch(litellm, fake.url, concurrency, hook)
+                            )
+                        cortex.append(await cortex_batch(clients, server))
+                finally:
+                    for ws in clients:
+                        await ws.close()
+                results.append(summarize("litellm", concurrency, args.chunks, direct))
+                if windowed:
+                    results.append(summarize("litellm+w", concurrency, args.chunks, windowed))
+                results.append(summarize("cortex", concurrency, args.chunks, cortex))
+                peaks[concurrency] = proc_status(server.pid).get("VmHWM", 0)
+            ours = time.process_time() + sum(proc_cpu_seconds(p) for p in pids) - ours0
+            other_cpu = foreign.fraction(ours)
+            status = proc_status(server.pid)
+            code = await server.stop()
+            problems, lines = log_problems(server.log_path)
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "chunks": args.chunks,
+        "chunk_delay_s": args.chunk_delay,
+        "repeat": args.repeat,
+        "other_processes_cpu_fraction": round(other_cpu, 3),
+        "results": [asdict(r) for r in results],
+        "server": {
+            "idle_rss_kib": idle_rss,
+            "peak_rss_kib": status.get("VmHWM", 0),
+            "peak_rss_kib_after_concurrency": peaks,
+            "exit_code": code,
+            "log_errors": problems,
+            "log_error_lines": lines,
+        },
+        "bench_process_peak_rss_kib": proc_status(os.getpid()).get("VmHWM", 0),
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    out = [
+        f"stream_overhead  {report['date']}  {m['cpus']} x {m['cpu_model']}, "
+        f"python {m['python']}, litellm {m['litellm']}, cortex {m['cortex_commit']}",
+        f"{report['chunks']} chunks per stream (one word each, "
+        f"{report['chunk_delay_s'] * 1000:g} ms apart), median of {report['repeat']} repeats; "
+        f"other processes used {report['other_processes_cpu_fraction']:.0%} of the CPU meanwhile",
+        "",
+        f"{'conc':>4}  {'path':<8} {'first chunk ms':>14} {'total ms':>9} {'chunks/s':>9} "
+        f"{'CPU us/chunk':>12} {'frames':>7}",
+    ]
+    by_conc: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in report["results"]:
+        by_conc.setdefault(r["concurrency"], {})[r["mode"]] = r
+    for conc, modes in by_conc.items():
+        for mode in ("litellm", "litellm+w", "cortex"):
+            if mode not in modes:
+                continue
+            r = modes[mode]
+            out.append(
+                f"{conc:>4}  {mode:<8} {r['first_chunk_ms']:>14.2f} {r['total_ms']:>9.1f} "
+                f"{r['chunks_per_s']:>9.0f} {r['cpu_us_per_chunk']:>12.0f} "
+                f"{r['frames_per_stream']:>7.0f}"
+            )
+        b = modes["cortex"]
+        for base in ("litellm", "litellm+w"):
+            if base not in modes:
+                continue
+            a = modes[base]
+            out.append(
+                f"{'':>4}  cortex/{base:<9} throughput {b['chunks_per_s'] / a['chunks_per_s']:.3f}"
+                f", first chunk {b['first_chunk_ms'] - a['first_chunk_ms']:+.2f} ms"
+                f", CPU per chunk x{b['cpu_us_per_chunk'] / a['cpu_us_per_chunk']:.2f}"
+            )
+    s = report["server"]
+    peaks = ", ".join(
+        f"C={c}: {k / 1024:.0f}" for c, k in s["peak_rss_kib_after_concurrency"].items()
+    )
+    out += [
+        "",
+        f"cortex server RSS: idle {s['idle_rss_kib'] / 1024:.0f} MiB, "
+        f"peak (VmHWM) {s['peak_rss_kib'] / 1024:.0f} MiB (after {peaks} MiB); "
+        f"this process (direct LiteLLM + clients) peak "
+        f"{report['bench_process_peak_rss_kib'] / 1024:.0f} MiB",
+        f"cortex server exit code {s['exit_code']}, error lines in its log: {s['log_errors']}",
+    ]
+    out += [f"  {line}" for line in s["log_error_lines"]]
+    out += [
+        "",
+        "litellm: litellm.acompletion called here; litellm+w: the same with Cortex's bound on",
+        "LiteLLM's chunk list (what remains against it is Cortex's own work); cortex: through",
+        "the server to WebSocket clients. first chunk: request/send to the first content",
+        "chunk/delta; total: to the end of the stream (direct) or the final stored message",
+        "(cortex); frames: chunks (direct) or delta frames (cortex) per stream; CPU: of the",
+        "process running LiteLLM (this one, or the server; 10 ms clock resolution).",
+    ]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chunks", type=int, default=500, help="chunks per reply (one word each)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed repeats (median reported)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="C",
+        help="concurrent conversations (several values run one after another)",
+    )
+    parser.add_argument(
+        "--chunk-delay",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds between the provider's chunks (default 0: as fast as it can)",
+    )
+    parser.add_argument(
+        "--no-window-baseline",
+        action="store_true",
+        help="skip the litellm+w baseline (LiteLLM with Cortex's chunk-list bound)",
+    )
+    parser.add_argument("--all", action="store_true", help="concurrency 1 and 20")
+    parser.add_argument(
+        "--json", action="store_true", help="JSON on stdout (the table goes to stderr)"
+    )
+    args = parser.parse_args(argv)
+    if args.all:
+        args.concurrency = sorted({*args.concurrency, 1, 20})
+    if args.chunks < 1 or args.repeat < 1 or min(args.concurrency) < 1:
+        parser.error("--chunks, --repeat and --concurrency must be positive")
+    report = asyncio.run(measure(args))
+    table = render(report)
+    if args.json:
+        print(table, file=sys.stderr)
+        print(json.dumps(report, indent=2))
+    else:
+        print(table)
+    return 0 if report["server"]["exit_code"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())
