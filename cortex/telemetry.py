@@ -45,8 +45,16 @@ class Telemetry:
         if self.metrics is not None:
             self.metrics.connections.inc()
             self.metrics.connections_open.inc()
+        # Connections are logged at DEBUG: at INFO, 10,000 clients coming and going cost more
+        # than accepting them (bench/connections.py); the metrics count them anyway.
         event(
-            log_connection, "connection open", conn=connection_id, user=user, remote=remote, via=via
+            log_connection,
+            "connection open",
+            logging.DEBUG,
+            conn=connection_id,
+            user=user,
+            remote=remote,
+            via=via,
         )
 
     def connection_closed(
@@ -65,6 +73,7 @@ class Telemetry:
         event(
             log_connection,
             "connection close",
+            logging.DEBUG,
             conn=connection_id,
             user=user,
             code=code,

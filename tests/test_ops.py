@@ -127,7 +127,7 @@ def captured(settings: Settings) -> Iterator[io.StringIO]:
     root = logging.getLogger()
     level = root.level
     root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.DEBUG if settings.log_level == "DEBUG" else logging.INFO)
     try:
         yield stream
     finally:
@@ -163,7 +163,8 @@ async def test_log_content_puts_the_text_in_the_log_lines(
     app = await start_server(log_content=True)
     client: Client = await connect_to(app)
     provider.enqueue(Reply(text="the open answer"))
-    with captured(app.settings) as stream:
+    # Connection lines are logged at DEBUG.
+    with captured(app.settings.model_copy(update={"log_level": "DEBUG"})) as stream:
         await exchange(client, "an open question", request_id="rq-8")
         await client.ws.close()
         await client.ws.wait_closed()
