@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -182,6 +183,10 @@ async def _serve(settings: Settings) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     async with running(settings) as app:
+        # LiteLLM's import leaves ~400,000 long-lived objects; a full collection walking them
+        # stalled every stream for 200+ ms (bench/capacity.py). Move them out of the GC's way.
+        gc.collect()
+        gc.freeze()
         required = app.gate is not None and app.gate.authenticator.required
         event(
             log,

@@ -11,6 +11,7 @@
     ├── RateLimited          rate_limited
     ├── ProviderError        provider_error   the model provider failed
     │   └── ProviderTimeout  provider_timeout the provider stalled or took too long
+    ├── Unavailable          unavailable   shutting down: try again (another process)
     ├── ToolError            tool_error
     └── Internal             internal
 
@@ -72,6 +73,10 @@ class ProviderError(CortexError):
 
 class ProviderTimeout(ProviderError):
     code = "provider_timeout"
+
+
+class Unavailable(CortexError):
+    code = "unavailable"
 
 
 class ToolError(CortexError):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .config import Settings
-from .errors import BadFrame, CortexError, Internal, NotFound
+from .errors import BadFrame, CortexError, Internal, NotFound, Unavailable
 from .hub import Hub, Subscriber
 from .llm import Finish, LlmBackend, TextDelta, ToolCall, ToolCalls, UsageInfo, parse_arguments
 from .protocol import (
@@ -52,6 +52,7 @@ class ActiveReply:
     seq: int
     parts: list[str] = field(default_factory=list)
     length: int = 0
+    checkpoint: asyncio.Future[None] | None = None  # the checkpoint write in flight, if any
 
     def text(self) -> str:
         if len(self.parts) > 1:
@@ -67,6 +68,10 @@ class PendingReply:
     model: str | None
     tools: tuple[str, ...] | None
     cancel_requested: bool = False
+    interrupted: bool = False  # stopped by a shutdown: stored as `interrupted`, not `cancelled`
+    # The part of the reply a cancel may stop (the model stream). Storing the outcome is never
+    # cancelled, so every reply ends with its final `message`.
+    interruptible: asyncio.Task[None] | None = None
     temperature: float | None = None  # this reply only; else the conversation's
     request_id: str | None = None  # of the send, for the logs
     connection_id: int | None = None
@@ -113,6 +118,7 @@ class Router:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._active: dict[str, ActiveReply] = {}
         self._current: dict[str, PendingReply] = {}
+        self.closing = False  # set by drain(): new messages are refused
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     def _lock(self, conversation_id: str) -> asyncio.Lock:
@@ -137,8 +143,16 @@ class Router:
             unknown = [name for name in tools if name not in known]
             if unknown:
                 raise BadFrame(f"unknown tools: {', '.join(unknown)}")
-        lock = self._lock(frame.conversation_id) if frame.conversation_id else None
-        async with lock or _NO_LOCK:
+        if self.closing:
+            raise Unavailable("the server is shutting down; send again on another connection")
+        if frame.conversation_id:
+            lock: asyncio.Lock | _NoLock = self._lock(frame.conversation_id)
+        elif frame.client_msg_id:
+            # Two connections retrying one new-conversation send must not create two.
+            lock = self._lock(f"new:{owner}:{frame.client_msg_id}")
+        else:
+            lock = _NO_LOCK
+        async with lock:
             stored = await self.store.add_user_message(
                 owner=owner,
                 conversation_id=frame.conversation_id,
@@ -257,12 +271,15 @@ class Router:
         """Stop the reply in progress; its text so far is stored as `cancelled`."""
         if await self.store.get_conversation(conversation_id, owner=owner) is None:
             raise NotFound("no such conversation")
-        current = self._current.get(conversation_id)
-        worker = self._workers.get(conversation_id)
-        if current is None or worker is None or current.cancel_requested:
+        target = self._current.get(conversation_id)
+        if target is None:  # not started yet: the first queued message's reply is the one
+            queue = self._pending.get(conversation_id)
+            target = queue[0] if queue else None
+        if target is None or target.cancel_requested:
             return False
-        current.cancel_requested = True
-        worker.cancel()
+        target.cancel_requested = True
+        if target.interruptible is not None:
+            target.interruptible.cancel()
         return True
 
     async def abandon(self, conversation_id: str, *, grace: float = 10.0) -> None:
@@ -299,13 +316,6 @@ class Router:
                 self._current[conversation_id] = pending
                 try:
                     await self._reply(conversation_id, pending)
-                except asyncio.CancelledError:
-                    if not pending.cancel_requested:
-                        raise
-                    # cancel() stopped this reply; the next queued message still gets its own.
-                    task = asyncio.current_task()
-                    if task is not None:
-                        task.uncancel()
                 except Exception:
                     log.exception("reply failed in conversation %s", conversation_id)
                 finally:
@@ -342,7 +352,7 @@ class Router:
             rounds = 0
             while True:
                 result = await self._turn(conversation_id, pending, plan)
-                if not result.calls:
+                if not result.calls or pending.cancel_requested or pending.interrupted:
                     return
                 rounds += 1
                 await self._run_tools(
@@ -376,15 +386,29 @@ class Router:
             active = ActiveReply(message_id=row.id, seq=row.seq)
             self._active[conversation_id] = active
             self.hub.publish(conversation_id, message_event(row))
-        history = await self.store.context(conversation_id, upto_user_seq=pending.seq)
-        messages = self.llm_trim(openai_messages(history), plan.model)
         result = _TurnResult(message_id=row.id)
         status, error = "complete", None
         try:
-            await self._stream(conversation_id, active, result, messages, plan)
+            if pending.cancel_requested or pending.interrupted:
+                raise asyncio.CancelledError  # stopped before it started: nothing to stream
+            history = await self.store.context(conversation_id, upto_user_seq=pending.seq)
+            messages = self.llm_trim(openai_messages(history), plan.model)
+            stream = asyncio.ensure_future(
+                self._stream(conversation_id, active, result, messages, plan)
+            )
+            pending.interruptible = stream
+            try:
+                await stream
+            finally:
+                pending.interruptible = None
         except asyncio.CancelledError:
-            status = "cancelled" if pending.cancel_requested else "interrupted"
-            raise
+            status = "interrupted" if pending.interrupted else "cancelled"
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                status = "cancelled" if pending.cancel_requested else "interrupted"
+                raise  # the worker itself is being stopped; the row is still stored below
+            if not (pending.cancel_requested or pending.interrupted):
+                raise
         except CortexError as exc:
             status, error = "error", exc
         except Exception as exc:
@@ -392,6 +416,9 @@ class Router:
             status, error = "error", Internal("internal error while generating the reply")
             error.__cause__ = exc
         finally:
+            if active.checkpoint is not None:
+                # The last checkpoint must land before the final write, never after it.
+                await asyncio.gather(active.checkpoint, return_exceptions=True)
             result.text = active.text()
             usage = result.usage
             plan.trace.turn_finished(
@@ -419,6 +446,7 @@ class Router:
     ) -> None:
         interval = self.settings.checkpoint_ms / 1000
         next_checkpoint = time.monotonic() + interval
+        next_yield = 0.0
         publish = self.hub.publish
         async for event in self.llm.stream(
             messages,
@@ -437,10 +465,21 @@ class Router:
                 )
                 active.parts.append(text)
                 active.length += len(text)
-                if time.monotonic() >= next_checkpoint:
-                    # Checkpoints bound what a crash can lose; they never run per chunk.
-                    await self.store.update_message(active.message_id, content=active.text())
-                    next_checkpoint = time.monotonic() + interval
+                now = time.monotonic()
+                if now >= next_checkpoint and (
+                    active.checkpoint is None or active.checkpoint.done()
+                ):
+                    # Checkpoints bound what a crash can lose. They run beside the stream (one
+                    # at a time), so a slow database write never becomes a gap in the reply.
+                    active.checkpoint = asyncio.ensure_future(
+                        self.store.update_message(active.message_id, content=active.text())
+                    )
+                    next_checkpoint = now + interval
+                if now >= next_yield:
+                    # Chunks that arrive in a burst are read without the loop ever running the
+                    # socket writers; give them a turn every few ms so the first words go out.
+                    await asyncio.sleep(0)
+                    next_yield = now + 0.005
             elif isinstance(event, ToolCalls):
                 result.calls = event.calls
             elif isinstance(event, UsageInfo):
@@ -570,14 +609,26 @@ class Router:
         return len(self._workers)
 
     async def drain(self, grace: float) -> None:
-        """Let replies in progress finish for up to `grace` seconds, then interrupt the rest."""
+        """Refuse new messages, let replies in progress finish for up to `grace` seconds, then
+        interrupt the rest: each is stored as `interrupted` with its final `message`."""
+        self.closing = True
         workers = list(self._workers.values())
-        if workers:
-            _done, still = await asyncio.wait(workers, timeout=grace)
-            for task in still:
-                task.cancel()
-            if still:
-                await asyncio.wait(still, timeout=10)
+        if not workers:
+            return
+        _done, still = await asyncio.wait(workers, timeout=grace)
+        if not still:
+            return
+        for queue in self._pending.values():
+            queue.clear()  # stored and acknowledged; answered with the next message
+        for pending in self._current.values():
+            pending.interrupted = True
+            if pending.interruptible is not None:
+                pending.interruptible.cancel()
+        _done, still = await asyncio.wait(still, timeout=10)
+        for task in still:  # a worker stuck past that (a hung tool): stop it outright
+            task.cancel()
+        if still:
+            await asyncio.wait(still, timeout=5)
 
 
 class _NoLock:
