@@ -18,7 +18,7 @@ class Subscriber(Protocol):
 
 
 class Hub:
-    """In-process fan-out. A Redis-backed hub with the same methods serves several processes."""
+    """In-process fan-out (several processes will need a shared one, e.g. over Redis)."""
 
     def __init__(self) -> None:
         self._subs: dict[str, dict[Subscriber, None]] = {}  # insertion-ordered sets
