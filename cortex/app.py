@@ -21,10 +21,12 @@ from .auth import LOCAL_USER, Authenticator, Principal, auth_required, parse_env
 from .config import Settings
 from .errors import CortexError
 from .hub import Hub
+from .leases import RedisLeases
 from .llm import LlmService
 from .logs import event
 from .manage import ConversationManager
 from .metrics import Metrics
+from .redis_hub import RedisHub
 from .router import Router
 from .server import Connection
 from .store import Store, TokenStore, make_engine, migrate
@@ -51,7 +53,14 @@ class Cortex:
         self.telemetry = Telemetry(settings, self.metrics)
         self.engine = make_engine(settings)
         self.store = Store(self.engine, observe=self.metrics.observe_db)
-        self.hub = Hub()
+        self.hub: Hub
+        leases: RedisLeases | None = None
+        if settings.redis_url is not None:
+            redis_hub = RedisHub(settings.redis_url.get_secret_value())
+            leases = RedisLeases(redis_hub.redis, ttl=settings.reply_lease_s)
+            self.hub = redis_hub
+        else:
+            self.hub = Hub()
         self.llm = llm or LlmService(settings)
         self.tools: ToolRegistry = build_registry(
             modules=settings.tool_modules, enabled=settings.tools
@@ -63,6 +72,7 @@ class Cortex:
             hub=self.hub,
             tools=self.tools,
             telemetry=self.telemetry,
+            leases=leases,
         )
         self.manager = ConversationManager(
             settings=settings,
@@ -81,6 +91,7 @@ class Cortex:
         # Open connections and who they speak for (the connection limit counts these).
         self.connections: dict[Connection, Principal] = {}
         self._recheck: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self.server: Server | None = None
         self._port: int | None = None
 
@@ -97,7 +108,8 @@ class Cortex:
         return f"ws://{self.settings.host}:{self.port}/ws"
 
     async def ready(self) -> bool:
-        return await self.store.ping()
+        """Database reachable, and Redis too when processes share work through it."""
+        return self.hub.healthy() and await self.store.ping()
 
     async def build_gate(self) -> Gate:
         """Read the access settings and the tokens table; refuse (AuthConfigError) if unsafe."""
@@ -189,6 +201,17 @@ class Cortex:
                 reason=ws.close_reason,
             )
 
+    async def _sweep(self) -> None:
+        """Every `sweep_interval_s`: answer what nobody answers, leave idle Redis channels."""
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_s)
+            try:
+                await self.router.sweep()
+                if isinstance(self.hub, RedisHub):
+                    await self.hub.housekeeping()
+            except CortexError:
+                log.warning("could not look for unanswered messages", exc_info=True)
+
     async def _recheck_tokens(self) -> None:
         """Close sessions whose stored token was revoked after they connected.
 
@@ -218,11 +241,18 @@ class Cortex:
     async def start(self) -> None:
         await asyncio.to_thread(migrate, self.settings.database_url)
         self.gate = await self.build_gate()
-        recovered = await self.store.recover_interrupted()
-        if recovered:
-            log.warning(
-                "marked %d replies left streaming by a previous process as interrupted", recovered
-            )
+        await self.hub.start()
+        if self.router.leases is None:
+            # Alone on its database, whatever is left streaming was a previous run's. With
+            # peers, a row streaming may be theirs: it is settled under its lease instead.
+            recovered = await self.store.recover_interrupted()
+            if recovered:
+                log.warning(
+                    "marked %d replies left streaming by a previous process as interrupted",
+                    recovered,
+                )
+        await self.router.sweep()  # messages acknowledged but never answered (a crash)
+        self._sweeper = asyncio.create_task(self._sweep(), name="sweeper")
         s = self.settings
         self.server = await serve(
             self.handle,
@@ -248,15 +278,17 @@ class Cortex:
         server, self.server = self.server, None
         if server is None:
             return
-        if self._recheck is not None:
-            self._recheck.cancel()
-            await asyncio.gather(self._recheck, return_exceptions=True)
+        for task in (self._recheck, self._sweeper):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         server.server.close()  # stop listening; connections stay open while replies finish
         await self.router.drain(self.settings.shutdown_grace_s)
         server.close(close_connections=True)  # 1001 going away to every client
         with contextlib.suppress(Exception):
             await server.wait_closed()
         await self.manager.close()
+        await self.hub.close()
         await self.engine.dispose()
 
 
@@ -267,6 +299,7 @@ async def running(settings: Settings, *, llm: LlmService | None = None) -> Async
     try:
         await app.start()
     except BaseException:
+        await app.hub.close()
         await app.engine.dispose()  # e.g. refused to start (AuthConfigError)
         raise
     try:

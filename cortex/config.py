@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     tool_modules: CsvList = Field(default_factory=list)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
 
+    # Scale-out (docs/scaling.md): Redis carries events between processes and holds each
+    # conversation's reply lease; without it one process serves everything.
+    redis_url: SecretStr | None = None
+    reply_lease_s: float = Field(default=15.0, ge=1)
+    sweep_interval_s: float = Field(default=5.0, gt=0)
+
     static_dir: Path = STATIC_DIR
     log_level: str = "INFO"
 

@@ -7,7 +7,10 @@ whose queue overflows is dropped by its connection (see `server.Connection`).
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .protocol import delta_frame
 
 
 class Subscriber(Protocol):
@@ -18,11 +21,45 @@ class Subscriber(Protocol):
 
 
 class Hub:
-    """In-process fan-out (several processes will need a shared one, e.g. over Redis)."""
+    """In-process fan-out; `RedisHub` extends it across processes (docs/scaling.md)."""
 
     def __init__(self) -> None:
         self._subs: dict[str, dict[Subscriber, None]] = {}  # insertion-ordered sets
         self._by_sub: dict[Subscriber, set[str]] = {}
+        # Called with each control message from another process (e.g. a cancel).
+        self.on_control: Callable[[dict[str, Any]], None] | None = None
+
+    # ---- what a shared hub adds; one process needs none of it ----------------------------
+
+    async def start(self) -> None:
+        """Connect to whatever carries events between processes."""
+
+    async def close(self) -> None:
+        """Disconnect."""
+
+    async def watch(self, conversation_id: str) -> None:
+        """Make sure events of the conversation from other processes reach this one.
+
+        Returns once they do; subscribe a local client (or a catch-up buffer) before calling
+        it, so that nothing published after this returns is missed.
+        """
+
+    async def reply_text(self, message_id: str) -> str | None:
+        """The text so far of a reply streaming in another process (None: not known here)."""
+        return None
+
+    def reply_finished(self, message_id: str) -> None:
+        """The reply is stored whole: its text so far is no longer needed."""
+
+    def control(self, message: dict[str, Any]) -> None:
+        """Tell every other process something (e.g. cancel a reply one of them generates)."""
+
+    def healthy(self) -> bool:
+        return True
+
+    def publish_delta(self, conversation_id: str, message_id: str, offset: int, text: str) -> None:
+        """Publish a piece of a reply at its character offset."""
+        self.publish(conversation_id, delta_frame(conversation_id, message_id, offset, text))
 
     def subscribe(self, conversation_id: str, sub: Subscriber) -> None:
         self._subs.setdefault(conversation_id, {})[sub] = None
@@ -60,6 +97,10 @@ class Hub:
 
     def publish(self, conversation_id: str, frame: str) -> None:
         """Hand one encoded event to every subscriber of the conversation, in order."""
+        self.deliver_local(conversation_id, frame)
+
+    def deliver_local(self, conversation_id: str, frame: str) -> None:
+        """Hand one encoded event to this process's subscribers of the conversation."""
         subs = self._subs.get(conversation_id)
         if not subs:
             return

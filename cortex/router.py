@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 import weakref
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ from .llm import Finish, LlmBackend, TextDelta, ToolCall, ToolCalls, UsageInfo, 
 from .protocol import (
     Ack,
     ConversationsPage,
+    DeltaFrame,
     ErrorEvent,
     HistoryPage,
     Send,
@@ -36,6 +36,8 @@ from .telemetry import ReplyTrace, Telemetry
 from .views import conversation_view, message_event, message_view, openai_messages
 
 if TYPE_CHECKING:
+    from .leases import Lease, RedisLeases
+    from .store.models import Message
     from .store.repo import Store
     from .tools import ToolRegistry, ToolResult
 
@@ -107,6 +109,7 @@ class Router:
         hub: Hub,
         tools: ToolRegistry | None = None,
         telemetry: Telemetry | None = None,
+        leases: RedisLeases | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -114,12 +117,18 @@ class Router:
         self.hub = hub
         self.tools = tools
         self.telemetry = telemetry if telemetry is not None else Telemetry(settings)
-        self._pending: dict[str, deque[PendingReply]] = {}
+        # Several processes share the conversations: a reply needs the conversation's lease.
+        # Alone, the one worker per conversation below is lease enough.
+        self.leases = leases
         self._workers: dict[str, asyncio.Task[None]] = {}
+        self._dirty: set[str] = set()  # conversations with messages stored since last looked
+        self._cancel_next: set[str] = set()  # a cancel that came before its reply started
+        self._origins: dict[tuple[str, int], tuple[str | None, int | None]] = {}
         self._active: dict[str, ActiveReply] = {}
         self._current: dict[str, PendingReply] = {}
         self.closing = False  # set by drain(): new messages are refused
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        hub.on_control = self._control
 
     def _lock(self, conversation_id: str) -> asyncio.Lock:
         # Storing a message and publishing it happen under this lock, and so does a subscribe's
@@ -146,6 +155,8 @@ class Router:
         if self.closing:
             raise Unavailable("the server is shutting down; send again on another connection")
         if frame.conversation_id:
+            # Replies to earlier messages may come from another process: listen first.
+            await self.hub.watch(frame.conversation_id)
             lock: asyncio.Lock | _NoLock = self._lock(frame.conversation_id)
         elif frame.client_msg_id:
             # Two connections retrying one new-conversation send must not create two.
@@ -161,6 +172,7 @@ class Router:
                 model=model,
                 system_prompt=frame.system_prompt,
                 temperature=frame.temperature,
+                reply_options=_reply_options(model, tools, frame.temperature),
             )
             if stored is None:
                 raise NotFound("no such conversation")
@@ -177,6 +189,8 @@ class Router:
             if not created:
                 return  # an idempotent retry: acknowledged again, nothing else
             self.hub.publish(conv.id, message_event(message))
+        if frame.conversation_id is None:
+            await self.hub.watch(conv.id)
         connection_id = getattr(client, "id", None)
         self.telemetry.message_stored(
             user=owner,
@@ -187,17 +201,8 @@ class Router:
             request_id=frame.request_id,
             connection_id=connection_id,
         )
-        self._enqueue(
-            conv.id,
-            PendingReply(
-                seq=message.seq,
-                model=model,
-                tools=tools,
-                temperature=frame.temperature,
-                request_id=frame.request_id,
-                connection_id=connection_id,
-            ),
-        )
+        self._origins[(conv.id, message.seq)] = (frame.request_id, connection_id)
+        self.kick(conv.id)
 
     async def subscribe(
         self,
@@ -207,10 +212,18 @@ class Router:
         client: Subscriber,
         request_id: str | None = None,
     ) -> None:
-        """Catch up from `after_seq`, then the reply in progress so far, then live events."""
+        """Catch up from `after_seq`, then the reply in progress so far, then live events.
+
+        Events published while the catch-up reads the database wait in a buffer and follow
+        it, so nothing falls between the two, whichever process publishes them.
+        """
         if await self.store.get_conversation(conversation_id, owner=owner) is None:
             raise NotFound("no such conversation")
-        async with self._lock(conversation_id):
+        buffer = _CatchUpBuffer()
+        self.hub.subscribe(conversation_id, buffer)  # before anything is read
+        typed = False
+        try:
+            await self.hub.watch(conversation_id)
             if after_seq is not None:
                 cursor = after_seq
                 while True:
@@ -223,14 +236,41 @@ class Router:
                     if not more or not rows:
                         break
                     cursor = rows[-1].seq
-            self.hub.subscribe(conversation_id, client)
-            if conversation_id in self._current:  # a reply is in progress (maybe in a tool)
+            if await self._replying(conversation_id):
                 client.deliver(Typing(conversation_id=conversation_id, active=True).encode())
-            active = self._active.get(conversation_id)
-            if active is not None and active.length:
-                client.deliver(delta_frame(conversation_id, active.message_id, 0, active.text()))
-            # The ack closes the catch-up: everything after it is live.
-            client.deliver(Ack(conversation_id=conversation_id, request_id=request_id).encode())
+                typed = True
+            message_id, text = await self._text_so_far(conversation_id)
+            if text:
+                client.deliver(delta_frame(conversation_id, message_id, 0, text))
+        except BaseException:
+            self.hub.unsubscribe(conversation_id, buffer)
+            raise
+        # From here on no await: the buffer hands over to the client in one step.
+        self.hub.unsubscribe(conversation_id, buffer)
+        self.hub.subscribe(conversation_id, client)
+        buffer.replay(client, message_id, len(text), typed)
+        # The ack closes the catch-up: everything after it is live.
+        client.deliver(Ack(conversation_id=conversation_id, request_id=request_id).encode())
+
+    async def _replying(self, conversation_id: str) -> bool:
+        if conversation_id in self._current:  # maybe in a tool, with nothing streaming
+            return True
+        return self.leases is not None and await self.leases.held(conversation_id)
+
+    async def _text_so_far(self, conversation_id: str) -> tuple[str, str]:
+        """(message id, text) of the reply in progress: here, or from the process making it."""
+        active = self._active.get(conversation_id)
+        if active is not None:
+            return active.message_id, active.text()
+        if self.leases is None:
+            return "", ""
+        row = await self.store.streaming_message(conversation_id)
+        if row is None:
+            return "", ""
+        text = await self.hub.reply_text(row.id)
+        if text is None or len(text) < len(row.content):
+            text = row.content  # the last checkpoint (Redis lost it, or never had it)
+        return row.id, text
 
     async def history(
         self,
@@ -268,28 +308,42 @@ class Router:
         ).encode()
 
     async def cancel(self, owner: str, conversation_id: str) -> bool:
-        """Stop the reply in progress; its text so far is stored as `cancelled`."""
+        """Stop the reply in progress (or the next one, if it has not started): its text so far
+        is stored as `cancelled`. The process generating it may be another one."""
         if await self.store.get_conversation(conversation_id, owner=owner) is None:
             raise NotFound("no such conversation")
+        if self._cancel_here(conversation_id):
+            return True
+        if self.leases is not None:
+            self.hub.control({"op": "cancel", "conversation_id": conversation_id})
+            return True
+        return False
+
+    def _cancel_here(self, conversation_id: str) -> bool:
         target = self._current.get(conversation_id)
-        if target is None:  # not started yet: the first queued message's reply is the one
-            queue = self._pending.get(conversation_id)
-            target = queue[0] if queue else None
-        if target is None or target.cancel_requested:
+        if target is None:
+            if conversation_id not in self._workers:
+                return False
+            self._cancel_next.add(conversation_id)  # the worker has yet to start the reply
+            return True
+        if target.cancel_requested:
             return False
         target.cancel_requested = True
         if target.interruptible is not None:
             target.interruptible.cancel()
         return True
 
-    async def abandon(self, conversation_id: str, *, grace: float = 10.0) -> None:
-        """Drop the queued messages of a conversation, cancel its reply, wait for it to stop.
+    def _control(self, message: dict[str, Any]) -> None:
+        """A control message from another process."""
+        conversation_id = message.get("conversation_id")
+        if message.get("op") == "cancel" and isinstance(conversation_id, str):
+            self._cancel_here(conversation_id)
 
-        For deleting a conversation: afterwards no reply of it writes to the store.
-        """
-        queue = self._pending.get(conversation_id)
-        if queue is not None:
-            queue.clear()
+    async def abandon(self, conversation_id: str, *, grace: float = 10.0) -> None:
+        """Cancel the conversation's reply and wait for it to stop (it is being deleted):
+        afterwards no reply of it writes to the store."""
+        if self.leases is not None:
+            self.hub.control({"op": "cancel", "conversation_id": conversation_id})
         current = self._current.get(conversation_id)
         worker = self._workers.get(conversation_id)
         if worker is None:
@@ -301,30 +355,94 @@ class Router:
 
     # ---- reply generation ---------------------------------------------------------------
 
-    def _enqueue(self, conversation_id: str, pending: PendingReply) -> None:
-        self._pending.setdefault(conversation_id, deque()).append(pending)
+    def kick(self, conversation_id: str) -> None:
+        """Messages may wait in the conversation: make sure a worker looks."""
+        if self.closing:
+            return
+        self._dirty.add(conversation_id)
         if conversation_id not in self._workers:
             task = asyncio.create_task(self._work(conversation_id), name=f"reply:{conversation_id}")
             self._workers[conversation_id] = task
 
     async def _work(self, conversation_id: str) -> None:
-        """Answer the queued messages of one conversation, one after another, in order."""
-        queue = self._pending[conversation_id]
+        """Answer the waiting messages of one conversation, one after another, in seq order.
+
+        The queue is the database (user messages above `answered_seq`), so any process may
+        answer them; with several, only the holder of the conversation's lease does.
+        """
         try:
-            while queue:
-                pending = queue.popleft()
-                self._current[conversation_id] = pending
+            if self.leases is None:
+                await self._answer_waiting(conversation_id)
+                return
+            while not self.closing:
+                lease = await self.leases.acquire(conversation_id)
+                if lease is None:
+                    return  # the holder answers it: it looks again after letting go
                 try:
-                    await self._reply(conversation_id, pending)
-                except Exception:
-                    log.exception("reply failed in conversation %s", conversation_id)
+                    await self._answer_waiting(conversation_id, lease)
                 finally:
-                    self._active.pop(conversation_id, None)
-                    self._current.pop(conversation_id, None)
+                    await lease.release()
+                # A message stored while we held the lease may have been left to us: look again.
+                self._dirty.discard(conversation_id)
+                if await self.store.next_unanswered(conversation_id) is None:
+                    if conversation_id not in self._dirty:
+                        return
+        except Exception:
+            log.exception("answering conversation %s failed", conversation_id)
         finally:
             self._workers.pop(conversation_id, None)
-            if not queue:
-                self._pending.pop(conversation_id, None)
+            self._cancel_next.discard(conversation_id)
+
+    async def _answer_waiting(self, conversation_id: str, lease: Lease | None = None) -> None:
+        if lease is not None:
+            # The previous holder died mid-reply: what it streamed is kept as `interrupted`.
+            for row in await self.store.settle_streaming(conversation_id):
+                self.hub.publish(conversation_id, message_event(row))
+        while not self.closing and (lease is None or not lease.lost):
+            self._dirty.discard(conversation_id)
+            message = await self.store.next_unanswered(conversation_id)
+            if message is None:
+                if conversation_id in self._dirty:
+                    continue  # stored while we looked
+                return
+            pending = self._pending_reply(conversation_id, message)
+            self._current[conversation_id] = pending
+            if lease is not None:
+                lease.on_lost = lambda p=pending: _interrupt(p)
+            try:
+                await self._reply(conversation_id, pending)
+            except Exception:
+                log.exception("reply failed in conversation %s", conversation_id)
+            finally:
+                self._active.pop(conversation_id, None)
+                self._current.pop(conversation_id, None)
+            if lease is not None and lease.lost:
+                return  # another process owns the conversation now, and settles the row
+            await asyncio.shield(self.store.mark_answered(conversation_id, message.seq))
+
+    def _pending_reply(self, conversation_id: str, message: Message) -> PendingReply:
+        options = message.reply_options or {}
+        tools = options.get("tools")
+        request_id, connection_id = self._origins.pop((conversation_id, message.seq), (None, None))
+        pending = PendingReply(
+            seq=message.seq,
+            model=options.get("model"),
+            tools=tuple(tools) if tools is not None else None,
+            temperature=options.get("temperature"),
+            request_id=request_id,
+            connection_id=connection_id,
+        )
+        if conversation_id in self._cancel_next:
+            self._cancel_next.discard(conversation_id)
+            pending.cancel_requested = True
+        return pending
+
+    async def sweep(self) -> None:
+        """Pick up conversations whose messages wait with nobody answering: after a restart,
+        or when the process that held them died (its lease expired)."""
+        for conversation_id in await self.store.conversations_awaiting_reply():
+            if conversation_id not in self._workers:
+                self.kick(conversation_id)
 
     async def _reply(self, conversation_id: str, pending: PendingReply) -> None:
         conv = await self.store.get_conversation_any(conversation_id)
@@ -447,7 +565,7 @@ class Router:
         interval = self.settings.checkpoint_ms / 1000
         next_checkpoint = time.monotonic() + interval
         next_yield = 0.0
-        publish = self.hub.publish
+        publish = self.hub.publish_delta
         async for event in self.llm.stream(
             messages,
             model=plan.model,
@@ -459,10 +577,7 @@ class Router:
                 text = event.text
                 if not active.length:
                     plan.trace.first_token()
-                publish(
-                    conversation_id,
-                    delta_frame(conversation_id, active.message_id, active.length, text),
-                )
+                publish(conversation_id, active.message_id, active.length, text)
                 active.parts.append(text)
                 active.length += len(text)
                 now = time.monotonic()
@@ -521,6 +636,7 @@ class Router:
             row = await asyncio.shield(self.store.get_message(message_id))
             if row is not None:
                 self.hub.publish(conversation_id, message_event(row))
+            self.hub.reply_finished(message_id)
         if error is not None:
             self.hub.publish(
                 conversation_id,
@@ -609,7 +725,7 @@ class Router:
 
     def in_progress(self) -> int:
         """How many conversations are generating a reply now (a metric)."""
-        return len(self._workers)
+        return len(self._current)
 
     async def drain(self, grace: float) -> None:
         """Refuse new messages, let replies in progress finish for up to `grace` seconds, then
@@ -621,8 +737,7 @@ class Router:
         _done, still = await asyncio.wait(workers, timeout=grace)
         if not still:
             return
-        for queue in self._pending.values():
-            queue.clear()  # stored and acknowledged; answered with the next message
+        # Messages still waiting stay stored and acknowledged: the next process answers them.
         for pending in self._current.values():
             pending.interrupted = True
             if pending.interruptible is not None:
@@ -632,6 +747,48 @@ class Router:
             task.cancel()
         if still:
             await asyncio.wait(still, timeout=5)
+
+
+def _interrupt(pending: PendingReply) -> None:
+    pending.interrupted = True
+    if pending.interruptible is not None:
+        pending.interruptible.cancel()
+
+
+def _reply_options(
+    model: str | None, tools: tuple[str, ...] | None, temperature: float | None
+) -> dict[str, Any]:
+    """What a `send` asked of its reply, kept with the message for whichever process answers."""
+    options: dict[str, Any] = {}
+    if model is not None:
+        options["model"] = model
+    if tools is not None:
+        options["tools"] = list(tools)
+    if temperature is not None:
+        options["temperature"] = temperature
+    return options
+
+
+class _CatchUpBuffer:
+    """Stands in for a subscribing client while its catch-up is read from the database."""
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+
+    def deliver(self, frame: str) -> None:
+        self.frames.append(frame)
+
+    def replay(self, client: Subscriber, message_id: str, have: int, typed: bool) -> None:
+        """Hand the buffered events on, minus the reply text the catch-up already gave."""
+        for frame in self.frames:
+            if isinstance(frame, DeltaFrame) and frame.message_id == message_id:
+                end = frame.offset + len(frame.text)
+                if end <= have:
+                    continue
+                if frame.offset < have:
+                    cut = have - frame.offset
+                    frame = delta_frame(frame.conversation_id, message_id, have, frame.text[cut:])
+            client.deliver(frame)
 
 
 class _NoLock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -12,6 +13,7 @@ from cortex.config import Settings
 from cortex.store.models import Base
 
 target_metadata = Base.metadata
+_LOCK_KEY = 0x636F72746578  # "cortex": the advisory lock that serialises migrations
 
 
 def _url() -> str:
@@ -25,6 +27,10 @@ def _run(connection: Connection) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Several processes may start at once: one migrates, the others wait and then find
+            # nothing left to do. The lock ends with the transaction.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
         context.run_migrations()
 
 

@@ -18,6 +18,8 @@ from cortex.app import Cortex, running
 from cortex.config import Settings
 from cortex.testing.fake_openai import FakeOpenAI
 
+pytest_plugins = ["services_fixtures"]
+
 # One factor scales every wait, as in websockets' own tests: raise it on a slow machine.
 TIMEOUT = 10.0 * float(os.environ.get("CORTEX_TEST_TIMEOUT_FACTOR", "1"))
 

@@ -22,7 +22,8 @@ def make_engine(settings: Settings) -> AsyncEngine:
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 30}
     else:
-        kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
+        # Replies checkpoint beside their streams: room for many short transactions at once.
+        kwargs.update(pool_pre_ping=True, pool_size=20, max_overflow=40, pool_timeout=60)
     engine = create_async_engine(url, **kwargs)
     if url.startswith("sqlite"):
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)

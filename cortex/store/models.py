@@ -39,6 +39,8 @@ class Conversation(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # The last user message whose reply is settled; the ones above it are the reply queue.
+    answered_seq: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Message(Base):
@@ -50,6 +52,7 @@ class Message(Base):
         ),
         Index("ix_messages_client_msg_id", "client_msg_id"),
         Index("ix_messages_status", "status"),
+        Index("ix_messages_conversation_role_seq", "conversation_id", "role", "seq"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
@@ -69,6 +72,8 @@ class Message(Base):
     cost_usd: Mapped[float | None] = mapped_column(Float)
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     error_code: Mapped[str | None] = mapped_column(String(32))
+    # What the `send` asked of this user message's reply: model, tools, temperature.
+    reply_options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

@@ -160,6 +160,7 @@ class Store:
         model: str | None = None,
         system_prompt: str | None = None,
         temperature: float | None = None,
+        reply_options: dict[str, Any] | None = None,
     ) -> tuple[Conversation, Message, bool] | None:
         """Store a user message, creating the conversation when `conversation_id` is None.
 
@@ -176,6 +177,7 @@ class Store:
                     model=model,
                     system_prompt=system_prompt,
                     temperature=temperature,
+                    reply_options=reply_options,
                 )
             except IntegrityError:
                 # A concurrent retry of the same client_msg_id won the insert: read it back.
@@ -193,6 +195,7 @@ class Store:
         model: str | None,
         system_prompt: str | None,
         temperature: float | None,
+        reply_options: dict[str, Any] | None,
     ) -> tuple[Conversation, Message, bool] | None:
         async with self._tx() as session:
             if client_msg_id is not None:
@@ -208,6 +211,7 @@ class Store:
                     system_prompt=system_prompt,
                     temperature=temperature,
                     last_seq=0,
+                    answered_seq=0,
                 )
                 session.add(conv)
                 await session.flush()
@@ -223,6 +227,7 @@ class Store:
                 content=content,
                 status="complete",
                 client_msg_id=client_msg_id,
+                reply_options=reply_options or None,
             )
             await session.refresh(conv)
             return conv, message, True
@@ -332,16 +337,116 @@ class Store:
         async with self._tx() as session:
             return list((await session.scalars(query)).all())
 
+    # ---- the reply queue ------------------------------------------------------------------
+
+    @timed
+    async def next_unanswered(self, conversation_id: str) -> Message | None:
+        """The oldest user message of the conversation still waiting for its reply."""
+        query = (
+            select(Message)
+            .join(Conversation, Conversation.id == Message.conversation_id)
+            .where(
+                Message.conversation_id == conversation_id,
+                Message.role == "user",
+                Message.seq > Conversation.answered_seq,
+            )
+            .order_by(Message.seq)
+            .limit(1)
+        )
+        async with self._tx() as session:
+            return (await session.scalars(query)).first()
+
+    @timed
+    async def mark_answered(self, conversation_id: str, seq: int) -> None:
+        """The reply to user message `seq` is settled: it leaves the queue (never moves back)."""
+        async with self._tx() as session:
+            await session.execute(
+                update(Conversation)
+                .where(Conversation.id == conversation_id, Conversation.answered_seq < seq)
+                .values(answered_seq=seq)
+            )
+
+    @timed
+    async def streaming_message(self, conversation_id: str) -> Message | None:
+        """The reply being generated in the conversation, as last checkpointed, if any."""
+        query = (
+            select(Message)
+            .where(Message.conversation_id == conversation_id, Message.status == "streaming")
+            .order_by(Message.seq.desc())
+            .limit(1)
+        )
+        async with self._tx() as session:
+            return (await session.scalars(query)).first()
+
+    @timed
+    async def settle_streaming(self, conversation_id: str) -> list[Message]:
+        """Rows left `streaming` by a process that died become `interrupted` (text kept).
+
+        Only the holder of the conversation's reply lease may call this: nobody else can be
+        streaming there. The user message they answered leaves the queue, so it is not answered
+        twice; messages queued after it are answered next.
+        """
+        async with self._tx() as session:
+            rows = list(
+                (
+                    await session.scalars(
+                        select(Message).where(
+                            Message.conversation_id == conversation_id,
+                            Message.status == "streaming",
+                        )
+                    )
+                ).all()
+            )
+            if not rows:
+                return []
+            now = utcnow()
+            for row in rows:
+                row.status = "interrupted"
+                row.error_code = "interrupted"
+                row.finish_reason = "interrupted"
+                row.updated_at = now
+            answered = await session.scalar(
+                select(func.max(Message.seq)).where(
+                    Message.conversation_id == conversation_id,
+                    Message.role == "user",
+                    Message.seq < max(row.seq for row in rows),
+                )
+            )
+            if answered is not None:
+                await session.execute(
+                    update(Conversation)
+                    .where(Conversation.id == conversation_id, Conversation.answered_seq < answered)
+                    .values(answered_seq=answered)
+                )
+            return rows
+
+    @timed
+    async def conversations_awaiting_reply(self, *, limit: int = 500) -> list[str]:
+        """Conversations with queued user messages or a reply left streaming: the work a
+        process picks up when its peer died (or when it restarts itself)."""
+        queued = (
+            select(Message.conversation_id)
+            .join(Conversation, Conversation.id == Message.conversation_id)
+            .where(Message.role == "user", Message.seq > Conversation.answered_seq)
+        )
+        streaming = select(Message.conversation_id).where(Message.status == "streaming")
+        async with self._tx() as session:
+            found = (await session.scalars(queued.union(streaming).limit(limit))).all()
+        return list(found)
+
     @timed
     async def recover_interrupted(self) -> int:
-        """Rows left `streaming` by a process that died become `interrupted` (text kept)."""
+        """At start-up of a lone process: every row left `streaming` was its predecessor's."""
         async with self._tx() as session:
-            result = await session.execute(
-                update(Message)
-                .where(Message.status == "streaming")
-                .values(status="interrupted", error_code="interrupted", updated_at=utcnow())
-            )
-        return int(getattr(result, "rowcount", 0) or 0)
+            ids = (
+                await session.scalars(
+                    select(Message.conversation_id).where(Message.status == "streaming").distinct()
+                )
+            ).all()
+        count = 0
+        for conversation_id in ids:
+            count += len(await self.settle_streaming(conversation_id))
+        return count
 
     @timed
     async def count_messages(self, conversation_id: str) -> int:
