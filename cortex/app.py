@@ -74,6 +74,8 @@ class Cortex:
             telemetry=self.telemetry,
             leases=leases,
         )
+        if isinstance(self.hub, RedisHub):
+            self.hub.on_resync = self.router.resync
         self.manager = ConversationManager(
             settings=settings,
             store=self.store,

@@ -21,6 +21,8 @@ import json
 import logging
 import os
 from collections import deque
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from redis.asyncio import Redis
@@ -56,6 +58,11 @@ class RedisHub(Hub):
         self._pubsub: PubSub | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = False
+        self._lost_at: datetime | None = None  # when Redis went away, until resubscribed
+        # Called with (conversation, since) for each conversation followed here once Redis is
+        # back: events published meanwhile never came, so its clients are caught up from the
+        # database.
+        self.on_resync: Callable[[str, datetime], Awaitable[None]] | None = None
 
     @property
     def redis(self) -> Redis:
@@ -188,16 +195,24 @@ class RedisHub(Hub):
                 await pubsub.subscribe(CONTROL, *self._channels)
                 self._pubsub = pubsub
                 async for message in pubsub.listen():
-                    if not self._connected:
-                        self._connected = True
+                    self._receive(message)
+                    if not self._connected and message["channel"] == CONTROL:
+                        self._connected = True  # the control channel is subscribed first
                         backoff = 0.1
                         log.info("connected to Redis")
-                    self._receive(message)
+                        if self._lost_at is not None:
+                            self._resync(self._lost_at)
+                            self._lost_at = None
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
                 if self._connected:
                     log.error("lost Redis (%s); serving local clients, reconnecting", exc)
+                    # A little earlier: what was published just before the error may be lost too.
+                    self._lost_at = datetime.now(UTC) - timedelta(seconds=5)
+                self._connected = False
+            except Exception:
+                log.exception("the Redis listener failed; reconnecting")
                 self._connected = False
             finally:
                 self._pubsub = None
@@ -205,6 +220,25 @@ class RedisHub(Hub):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
+
+    def _resync(self, since: datetime) -> None:
+        """Once every channel is subscribed again, catch up the clients of each."""
+        waiting = dict(self._channels)
+
+        async def resync() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waiting.values()), WATCH_TIMEOUT)
+            for channel in waiting:
+                conversation_id = channel[len(EVENTS) :]
+                if self.on_resync is not None and self._subs.get(conversation_id):
+                    try:
+                        await self.on_resync(conversation_id, since)
+                    except Exception:
+                        log.exception("could not catch up the clients of %s", conversation_id)
+
+        task = asyncio.create_task(resync(), name="redis-resync")
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
 
     def _receive(self, message: dict[str, Any]) -> None:
         kind = message["type"]

@@ -14,6 +14,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from .config import Settings
@@ -251,6 +252,16 @@ class Router:
         buffer.replay(client, message_id, len(text), typed)
         # The ack closes the catch-up: everything after it is live.
         client.deliver(Ack(conversation_id=conversation_id, request_id=request_id).encode())
+
+    async def resync(self, conversation_id: str, since: datetime) -> None:
+        """Events of the conversation may have been lost since `since` (Redis was away): hand
+        this process's subscribers every message that changed meanwhile, and the typing state.
+        A reply still streaming goes on at offsets past what they have: they resubscribe."""
+        deliver = self.hub.deliver_local
+        for row in await self.store.messages_changed_since(conversation_id, since):
+            deliver(conversation_id, message_event(row))
+        active = await self._replying(conversation_id)
+        deliver(conversation_id, Typing(conversation_id=conversation_id, active=active).encode())
 
     async def _replying(self, conversation_id: str) -> bool:
         if conversation_id in self._current:  # maybe in a tool, with nothing streaming

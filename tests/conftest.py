@@ -49,9 +49,25 @@ async def provider() -> AsyncIterator[FakeOpenAI]:
         yield fake
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Modules that set `BOTH_BACKENDS = True` run every test on SQLite and on PostgreSQL."""
+    if "database_url" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_BACKENDS", False):
+        metafunc.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
+
+
 @pytest.fixture
-def settings(tmp_path: Path, provider: FakeOpenAI) -> Settings:
-    return make_settings(tmp_path, provider)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database: a SQLite file, or a new database on the session's PostgreSQL."""
+    backend = getattr(request, "param", "sqlite")
+    if backend == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
+    return f"sqlite+aiosqlite:///{tmp_path / 'cortex.db'}"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, provider: FakeOpenAI, database_url: str) -> Settings:
+    return make_settings(tmp_path, provider, database_url=database_url)
 
 
 @pytest.fixture
@@ -61,11 +77,14 @@ async def server(settings: Settings) -> AsyncIterator[Cortex]:
 
 
 @pytest.fixture
-async def start_server(tmp_path: Path, provider: FakeOpenAI) -> AsyncIterator[Callable[..., Any]]:
+async def start_server(
+    tmp_path: Path, provider: FakeOpenAI, database_url: str
+) -> AsyncIterator[Callable[..., Any]]:
     """Start a server with settings overrides: `app = await start_server(rate_burst=5)`."""
     async with contextlib.AsyncExitStack() as stack:
 
         async def _start(**overrides: Any) -> Cortex:
+            overrides.setdefault("database_url", database_url)
             settings = make_settings(tmp_path, provider, **overrides)
             return await stack.enter_async_context(running(settings))
 

@@ -11,6 +11,9 @@ from conftest import Client, deltas_text, final_message, make_settings
 from cortex.app import Cortex, running
 from cortex.testing.fake_openai import FakeOpenAI, Reply
 
+# The protocol promises hold on either store (docs/scaling.md).
+BOTH_BACKENDS = True
+
 
 async def test_reply_streams_to_sender_and_is_stored(
     client: Client, provider: FakeOpenAI, http: Any

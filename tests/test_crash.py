@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from conftest import TIMEOUT, Client, deltas_text, final_message
+from processes import cortex_process as serve_process
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -20,45 +17,10 @@ from cortex.testing.fake_openai import FakeOpenAI, Reply
 LONG = " ".join(f"token{i}" for i in range(400))
 
 
-@asynccontextmanager
-async def cortex_process(
+def cortex_process(
     tmp_path: Path, provider: FakeOpenAI
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    env = {
-        **os.environ,
-        "CORTEX_PORT": "0",
-        "CORTEX_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'crash.db'}",
-        "CORTEX_DEFAULT_MODEL": "openai/fake-model",
-        "CORTEX_LLM_API_BASE": provider.base_url,
-        "CORTEX_LLM_API_KEY": "sk-fake",
-        "CORTEX_CHECKPOINT_MS": "50",
-        "CORTEX_NUM_RETRIES": "0",
-        "CORTEX_SHUTDOWN_GRACE_S": "0.2",
-    }
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cortex.cli",
-        "serve",
-        env=env,
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(TIMEOUT * 3):
-            while True:
-                line = (await proc.stdout.readline()).decode()
-                assert line, "cortex serve exited before it was ready"
-                found = re.search(r"http://([\d.]+):(\d+)/", line)
-                if found:
-                    break
-        yield proc, f"ws://{found[1]}:{found[2]}/ws"
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
+) -> AbstractAsyncContextManager[tuple[asyncio.subprocess.Process, str]]:
+    return serve_process(tmp_path, provider, f"sqlite+aiosqlite:///{tmp_path / 'crash.db'}")
 
 
 async def test_sigkill_mid_reply_loses_no_acknowledged_message(

@@ -13,6 +13,9 @@ from conftest import Client, eventually, final_message, make_settings
 from cortex.app import Cortex, running
 from cortex.testing.fake_openai import FakeOpenAI, Reply
 
+# The protocol promises hold on either store (docs/scaling.md).
+BOTH_BACKENDS = True
+
 ALICE = "alice-" + "A1" * 20
 BOB = "bob-" + "B2" * 20
 

@@ -11,6 +11,9 @@ from conftest import Client, deltas_text, final_message
 from cortex.store.repo import Store
 from cortex.testing.fake_openai import FakeOpenAI, Reply
 
+# The protocol promises hold on either store (docs/scaling.md).
+BOTH_BACKENDS = True
+
 TEXT = "one two three four five"
 
 

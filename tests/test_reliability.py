@@ -12,6 +12,9 @@ from websockets.exceptions import ConnectionClosed
 
 from cortex.testing.fake_openai import FakeOpenAI, Reply
 
+# The protocol promises hold on either store (docs/scaling.md).
+BOTH_BACKENDS = True
+
 LONG = " ".join(f"word{i}" for i in range(60))
 
 

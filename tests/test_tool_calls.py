@@ -17,6 +17,9 @@ TOOLS_MODULE = '''
 import asyncio
 from cortex.tools import tool
 
+# The protocol promises hold on either store (docs/scaling.md).
+BOTH_BACKENDS = True
+
 @tool
 def explode(reason: str) -> str:
     """Always fails, to show how a failing tool is reported."""

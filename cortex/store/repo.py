@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, text, update
@@ -365,6 +366,17 @@ class Store:
                 .where(Conversation.id == conversation_id, Conversation.answered_seq < seq)
                 .values(answered_seq=seq)
             )
+
+    @timed
+    async def messages_changed_since(self, conversation_id: str, since: datetime) -> list[Message]:
+        """Messages stored or updated since a moment, in seq order (a catch-up after an outage)."""
+        query = (
+            select(Message)
+            .where(Message.conversation_id == conversation_id, Message.updated_at >= since)
+            .order_by(Message.seq)
+        )
+        async with self._tx() as session:
+            return list((await session.scalars(query)).all())
 
     @timed
     async def streaming_message(self, conversation_id: str) -> Message | None:
