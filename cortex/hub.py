@@ -7,7 +7,9 @@ whose queue overflows is dropped by its connection (see `server.Connection`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .protocol import delta_frame
@@ -20,12 +22,30 @@ class Subscriber(Protocol):
         """Queue one encoded frame for sending; must not block."""
 
 
+@dataclass(slots=True)
+class _PendingDelta:
+    """Deltas of one reply published within one turn of the event loop, joined."""
+
+    message_id: str
+    offset: int
+    end: int
+    parts: list[str] = field(default_factory=list)
+
+
 class Hub:
-    """In-process fan-out; `RedisHub` extends it across processes (docs/scaling.md)."""
+    """In-process fan-out; `RedisHub` extends it across processes (docs/scaling.md).
+
+    Deltas of a conversation published within one turn of the event loop go out as one frame
+    (offsets stay exact): a burst of chunks read from the provider costs each subscriber one
+    frame, not one per chunk. Any other event of the conversation sends them first, so order
+    holds.
+    """
 
     def __init__(self) -> None:
         self._subs: dict[str, dict[Subscriber, None]] = {}  # insertion-ordered sets
         self._by_sub: dict[Subscriber, set[str]] = {}
+        self._deltas: dict[str, _PendingDelta] = {}
+        self._flush_soon = False
         # Called with each control message from another process (e.g. a cancel).
         self.on_control: Callable[[dict[str, Any]], None] | None = None
 
@@ -58,8 +78,42 @@ class Hub:
         return True
 
     def publish_delta(self, conversation_id: str, message_id: str, offset: int, text: str) -> None:
-        """Publish a piece of a reply at its character offset."""
-        self.publish(conversation_id, delta_frame(conversation_id, message_id, offset, text))
+        """Publish a piece of a reply at its character offset (joined with the pieces published
+        in the same turn of the event loop)."""
+        pending = self._deltas.get(conversation_id)
+        if pending is not None:
+            if pending.message_id == message_id and pending.end == offset:
+                pending.parts.append(text)
+                pending.end += len(text)
+                return
+            self.flush(conversation_id)
+        self._deltas[conversation_id] = _PendingDelta(
+            message_id, offset, offset + len(text), [text]
+        )
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush_all)
+
+    def flush(self, conversation_id: str) -> None:
+        """Send the conversation's joined deltas now."""
+        pending = self._deltas.pop(conversation_id, None)
+        if pending is not None:
+            text = pending.parts[0] if len(pending.parts) == 1 else "".join(pending.parts)
+            self.emit_delta(conversation_id, pending.message_id, pending.offset, text)
+
+    def _flush_all(self) -> None:
+        self._flush_soon = False
+        for conversation_id in list(self._deltas):
+            self.flush(conversation_id)
+
+    def emit_delta(self, conversation_id: str, message_id: str, offset: int, text: str) -> None:
+        """Send one (joined) delta: to local subscribers here, to other processes too in
+        `RedisHub`."""
+        self.deliver_local(conversation_id, delta_frame(conversation_id, message_id, offset, text))
+
+    def emit(self, conversation_id: str, frame: str) -> None:
+        """Send one event (deltas before it are already out)."""
+        self.deliver_local(conversation_id, frame)
 
     def subscribe(self, conversation_id: str, sub: Subscriber) -> None:
         self._subs.setdefault(conversation_id, {})[sub] = None
@@ -97,7 +151,9 @@ class Hub:
 
     def publish(self, conversation_id: str, frame: str) -> None:
         """Hand one encoded event to every subscriber of the conversation, in order."""
-        self.deliver_local(conversation_id, frame)
+        if conversation_id in self._deltas:
+            self.flush(conversation_id)
+        self.emit(conversation_id, frame)
 
     def deliver_local(self, conversation_id: str, frame: str) -> None:
         """Hand one encoded event to this process's subscribers of the conversation."""

@@ -99,11 +99,11 @@ class RedisHub(Hub):
 
     # ---- out ----------------------------------------------------------------------------
 
-    def publish(self, conversation_id: str, frame: str) -> None:
+    def emit(self, conversation_id: str, frame: str) -> None:
         self.deliver_local(conversation_id, frame)
         self._send(("PUBLISH", EVENTS + conversation_id, f"{self.origin}\n{frame}"))
 
-    def publish_delta(self, conversation_id: str, message_id: str, offset: int, text: str) -> None:
+    def emit_delta(self, conversation_id: str, message_id: str, offset: int, text: str) -> None:
         frame = delta_frame(conversation_id, message_id, offset, text)
         self.deliver_local(conversation_id, frame)
         key = TEXT + message_id

@@ -240,6 +240,7 @@ class Router:
             if await self._replying(conversation_id):
                 client.deliver(Typing(conversation_id=conversation_id, active=True).encode())
                 typed = True
+            self.hub.flush(conversation_id)  # joined deltas not yet out land in the buffer
             message_id, text = await self._text_so_far(conversation_id)
             if text:
                 client.deliver(delta_frame(conversation_id, message_id, 0, text))
@@ -526,6 +527,8 @@ class Router:
                 self._stream(conversation_id, active, result, messages, plan)
             )
             pending.interruptible = stream
+            if pending.cancel_requested or pending.interrupted:
+                stream.cancel()  # asked for while the context was being read
             try:
                 await stream
             finally:

@@ -224,6 +224,7 @@ async def test_sigkill_of_the_generating_process_hands_the_conversation_over(
             e["message"]["seq"]: e["message"]["status"] for e in events if e["type"] == "message"
         }
         assert statuses[4] == "interrupted"
+        await bob.until_reply()  # the typing off that ends the queued reply
         await bob.send(type="send", conversation_id=conversation_id, content="still there?")
         assert final_message(await bob.until_reply())["content"] == "and the conversation goes on"
         page = await bob.request(type="history", conversation_id=conversation_id)
@@ -274,5 +275,12 @@ async def test_a_process_that_loses_redis_keeps_serving_and_reconnects(
             redis.start()
             await until_ready(ready, 200)
             # The reply waited for the lease, and comes once Redis is back.
-            final = final_message(await alice.until_reply(timeout=TIMEOUT * 2))
-            assert final["content"] == "after Redis came back"
+            events = await alice.until(
+                lambda e: (
+                    e["type"] == "message"
+                    and e["message"]["seq"] == 4
+                    and e["message"]["status"] == "complete"
+                ),
+                timeout=TIMEOUT * 2,
+            )
+            assert events[-1]["message"]["content"] == "after Redis came back"
