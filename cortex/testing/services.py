@@ -84,7 +84,29 @@ def _postgres_bindir() -> Path:
     raise RuntimeError(POSTGRES_MISSING)
 
 
-class PostgresServer:
+class _Service:
+    """A server a test starts and stops: `with Server() as server:`."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class PostgresServer(_Service):
     """A throwaway PostgreSQL cluster: ``initdb`` + ``pg_ctl start`` in a temporary folder.
 
     PostgreSQL refuses to run as root, so as root the cluster belongs to the ``postgres``
@@ -259,18 +281,6 @@ class PostgresServer:
                 )
         shutil.rmtree(folder, ignore_errors=True)
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def _redis_answers(port: int) -> bool:
     """Whether a Redis server on this port answers PING (raw RESP, no client library)."""
@@ -282,7 +292,7 @@ def _redis_answers(port: int) -> bool:
         return False
 
 
-class RedisServer:
+class RedisServer(_Service):
     """A throwaway ``redis-server`` subprocess with no persistence.
 
     ``kill()`` then ``start()`` simulates Redis dying and coming back on the same port, empty.
@@ -371,15 +381,3 @@ class RedisServer:
         log, self._log = self._log, None
         if log is not None:
             log.close()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
