@@ -209,8 +209,7 @@ class Cortex:
             await asyncio.sleep(self.settings.sweep_interval_s)
             try:
                 await self.router.sweep()
-                if isinstance(self.hub, RedisHub):
-                    await self.hub.housekeeping()
+                await self.hub.housekeeping()
             except CortexError:
                 log.warning("could not look for unanswered messages", exc_info=True)
 

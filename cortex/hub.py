@@ -77,6 +77,9 @@ class Hub:
     def healthy(self) -> bool:
         return True
 
+    async def housekeeping(self) -> None:
+        """Now and then: let go of what nobody here needs any more."""
+
     def publish_delta(self, conversation_id: str, message_id: str, offset: int, text: str) -> None:
         """Publish a piece of a reply at its character offset (joined with the pieces published
         in the same turn of the event loop)."""

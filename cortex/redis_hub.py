@@ -170,7 +170,7 @@ class RedisHub(Hub):
             # Redis is away: local events still flow; the listener subscribes on reconnect.
             log.warning("events of %s from other processes are delayed", conversation_id)
 
-    async def _unwatch_idle(self) -> None:
+    async def housekeeping(self) -> None:
         """Leave the channels of conversations nobody here follows any more."""
         idle = [
             channel
@@ -275,9 +275,6 @@ class RedisHub(Hub):
             self.on_control(message)
         except Exception:
             log.exception("control message failed: %s", data[:200])
-
-    async def housekeeping(self) -> None:
-        await self._unwatch_idle()
 
 
 def _delta_from_json(raw: str) -> DeltaFrame | str:

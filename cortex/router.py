@@ -124,7 +124,6 @@ class Router:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()  # conversations with messages stored since last looked
         self._cancel_next: set[str] = set()  # a cancel that came before its reply started
-        self._origins: dict[tuple[str, int], tuple[str | None, int | None]] = {}
         self._active: dict[str, ActiveReply] = {}
         self._current: dict[str, PendingReply] = {}
         self.closing = False  # set by drain(): new messages are refused
@@ -155,6 +154,7 @@ class Router:
                 raise BadFrame(f"unknown tools: {', '.join(unknown)}")
         if self.closing:
             raise Unavailable("the server is shutting down; send again on another connection")
+        connection_id = getattr(client, "id", None)
         if frame.conversation_id:
             # Replies to earlier messages may come from another process: listen first.
             await self.hub.watch(frame.conversation_id)
@@ -173,7 +173,13 @@ class Router:
                 model=model,
                 system_prompt=frame.system_prompt,
                 temperature=frame.temperature,
-                reply_options=_reply_options(model, tools, frame.temperature),
+                reply_options=_reply_options(
+                    model,
+                    tools,
+                    frame.temperature,
+                    request_id=frame.request_id,
+                    connection_id=connection_id,
+                ),
             )
             if stored is None:
                 raise NotFound("no such conversation")
@@ -192,7 +198,6 @@ class Router:
             self.hub.publish(conv.id, message_event(message))
         if frame.conversation_id is None:
             await self.hub.watch(conv.id)
-        connection_id = getattr(client, "id", None)
         self.telemetry.message_stored(
             user=owner,
             conversation_id=conv.id,
@@ -202,7 +207,6 @@ class Router:
             request_id=frame.request_id,
             connection_id=connection_id,
         )
-        self._origins[(conv.id, message.seq)] = (frame.request_id, connection_id)
         self.kick(conv.id)
 
     async def subscribe(
@@ -222,7 +226,6 @@ class Router:
             raise NotFound("no such conversation")
         buffer = _CatchUpBuffer()
         self.hub.subscribe(conversation_id, buffer)  # before anything is read
-        typed = False
         try:
             await self.hub.watch(conversation_id)
             if after_seq is not None:
@@ -239,7 +242,6 @@ class Router:
                     cursor = rows[-1].seq
             if await self._replying(conversation_id):
                 client.deliver(Typing(conversation_id=conversation_id, active=True).encode())
-                typed = True
             self.hub.flush(conversation_id)  # joined deltas not yet out land in the buffer
             message_id, text = await self._text_so_far(conversation_id)
             if text:
@@ -250,7 +252,7 @@ class Router:
         # From here on no await: the buffer hands over to the client in one step.
         self.hub.unsubscribe(conversation_id, buffer)
         self.hub.subscribe(conversation_id, client)
-        buffer.replay(client, message_id, len(text), typed)
+        buffer.replay(client, message_id, len(text))
         # The ack closes the catch-up: everything after it is live.
         client.deliver(Ack(conversation_id=conversation_id, request_id=request_id).encode())
 
@@ -435,14 +437,13 @@ class Router:
     def _pending_reply(self, conversation_id: str, message: Message) -> PendingReply:
         options = message.reply_options or {}
         tools = options.get("tools")
-        request_id, connection_id = self._origins.pop((conversation_id, message.seq), (None, None))
         pending = PendingReply(
             seq=message.seq,
             model=options.get("model"),
             tools=tuple(tools) if tools is not None else None,
             temperature=options.get("temperature"),
-            request_id=request_id,
-            connection_id=connection_id,
+            request_id=options.get("request_id"),
+            connection_id=options.get("connection_id"),
         )
         if conversation_id in self._cancel_next:
             self._cancel_next.discard(conversation_id)
@@ -753,9 +754,7 @@ class Router:
             return
         # Messages still waiting stay stored and acknowledged: the next process answers them.
         for pending in self._current.values():
-            pending.interrupted = True
-            if pending.interruptible is not None:
-                pending.interruptible.cancel()
+            _interrupt(pending)
         _done, still = await asyncio.wait(still, timeout=10)
         for task in still:  # a worker stuck past that (a hung tool): stop it outright
             task.cancel()
@@ -770,17 +769,23 @@ def _interrupt(pending: PendingReply) -> None:
 
 
 def _reply_options(
-    model: str | None, tools: tuple[str, ...] | None, temperature: float | None
+    model: str | None,
+    tools: tuple[str, ...] | None,
+    temperature: float | None,
+    *,
+    request_id: str | None,
+    connection_id: int | None,
 ) -> dict[str, Any]:
-    """What a `send` asked of its reply, kept with the message for whichever process answers."""
-    options: dict[str, Any] = {}
-    if model is not None:
-        options["model"] = model
-    if tools is not None:
-        options["tools"] = list(tools)
-    if temperature is not None:
-        options["temperature"] = temperature
-    return options
+    """What a `send` asked of its reply, kept with the message for whichever process answers
+    (with the request and connection that asked, so that its log lines name them)."""
+    options = {
+        "model": model,
+        "tools": list(tools) if tools is not None else None,
+        "temperature": temperature,
+        "request_id": request_id,
+        "connection_id": connection_id,
+    }
+    return {name: value for name, value in options.items() if value is not None}
 
 
 class _CatchUpBuffer:
@@ -792,7 +797,7 @@ class _CatchUpBuffer:
     def deliver(self, frame: str) -> None:
         self.frames.append(frame)
 
-    def replay(self, client: Subscriber, message_id: str, have: int, typed: bool) -> None:
+    def replay(self, client: Subscriber, message_id: str, have: int) -> None:
         """Hand the buffered events on, minus the reply text the catch-up already gave."""
         for frame in self.frames:
             if isinstance(frame, DeltaFrame) and frame.message_id == message_id:

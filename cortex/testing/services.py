@@ -24,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -84,14 +85,16 @@ def _postgres_bindir() -> Path:
     raise RuntimeError(POSTGRES_MISSING)
 
 
-class _Service:
+class _Service(ABC):
     """A server a test starts and stops: `with Server() as server:`."""
 
+    @abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """Start the server and wait until it answers."""
 
+    @abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """Stop the server and remove its files."""
 
     def __enter__(self) -> Self:
         self.start()
