@@ -22,14 +22,22 @@ class Subscriber(Protocol):
         """Queue one encoded frame for sending; must not block."""
 
 
+# A conversation with many subscribers here gets its deltas at most every
+# FLUSH_US_PER_SUBSCRIBER x subscribers (capped at FLUSH_MAX_S): each frame costs every one of them
+# a socket write, and a reply watched by 1,000 people reads as well at 10 frames a second.
+FLUSH_US_PER_SUBSCRIBER = 100
+FLUSH_MAX_S = 0.1
+
+
 @dataclass(slots=True)
 class _PendingDelta:
-    """Deltas of one reply published within one turn of the event loop, joined."""
+    """Deltas of one reply published since the conversation's last frame, joined."""
 
     message_id: str
     offset: int
     end: int
     parts: list[str] = field(default_factory=list)
+    timer: asyncio.Handle | None = None
 
 
 class Hub:
@@ -37,15 +45,16 @@ class Hub:
 
     Deltas of a conversation published within one turn of the event loop go out as one frame
     (offsets stay exact): a burst of chunks read from the provider costs each subscriber one
-    frame, not one per chunk. Any other event of the conversation sends them first, so order
-    holds.
+    frame, not one per chunk. A conversation with many subscribers gets frames no more often
+    than its fan-out can afford (`FLUSH_US_PER_SUBSCRIBER`). Any other event of the
+    conversation sends them first, so order holds.
     """
 
     def __init__(self) -> None:
         self._subs: dict[str, dict[Subscriber, None]] = {}  # insertion-ordered sets
         self._by_sub: dict[Subscriber, set[str]] = {}
         self._deltas: dict[str, _PendingDelta] = {}
-        self._flush_soon = False
+        self._flushed_at: dict[str, float] = {}  # when each streaming reply's last frame left
         # Called with each control message from another process (e.g. a cancel).
         self.on_control: Callable[[dict[str, Any]], None] | None = None
 
@@ -81,8 +90,8 @@ class Hub:
         """Now and then: let go of what nobody here needs any more."""
 
     def publish_delta(self, conversation_id: str, message_id: str, offset: int, text: str) -> None:
-        """Publish a piece of a reply at its character offset (joined with the pieces published
-        in the same turn of the event loop)."""
+        """Publish a piece of a reply at its character offset, joined with the pieces published
+        until the conversation's next frame is due."""
         pending = self._deltas.get(conversation_id)
         if pending is not None:
             if pending.message_id == message_id and pending.end == offset:
@@ -90,24 +99,29 @@ class Hub:
                 pending.end += len(text)
                 return
             self.flush(conversation_id)
-        self._deltas[conversation_id] = _PendingDelta(
-            message_id, offset, offset + len(text), [text]
+        pending = _PendingDelta(message_id, offset, offset + len(text), [text])
+        self._deltas[conversation_id] = pending
+        loop = asyncio.get_running_loop()
+        subscribers = len(self._subs.get(conversation_id, ()))
+        due = self._flushed_at.get(conversation_id, 0.0) + min(
+            FLUSH_MAX_S, subscribers * FLUSH_US_PER_SUBSCRIBER / 1e6
         )
-        if not self._flush_soon:
-            self._flush_soon = True
-            asyncio.get_running_loop().call_soon(self._flush_all)
+        wait = due - loop.time()
+        if wait > 0:
+            pending.timer = loop.call_later(wait, self.flush, conversation_id)
+        else:
+            pending.timer = loop.call_soon(self.flush, conversation_id)
 
     def flush(self, conversation_id: str) -> None:
         """Send the conversation's joined deltas now."""
         pending = self._deltas.pop(conversation_id, None)
-        if pending is not None:
-            text = pending.parts[0] if len(pending.parts) == 1 else "".join(pending.parts)
-            self.emit_delta(conversation_id, pending.message_id, pending.offset, text)
-
-    def _flush_all(self) -> None:
-        self._flush_soon = False
-        for conversation_id in list(self._deltas):
-            self.flush(conversation_id)
+        if pending is None:
+            return
+        if pending.timer is not None:
+            pending.timer.cancel()
+        self._flushed_at[conversation_id] = asyncio.get_running_loop().time()
+        text = pending.parts[0] if len(pending.parts) == 1 else "".join(pending.parts)
+        self.emit_delta(conversation_id, pending.message_id, pending.offset, text)
 
     def emit_delta(self, conversation_id: str, message_id: str, offset: int, text: str) -> None:
         """Send one (joined) delta: to local subscribers here, to other processes too in
@@ -156,6 +170,7 @@ class Hub:
         """Hand one encoded event to every subscriber of the conversation, in order."""
         if conversation_id in self._deltas:
             self.flush(conversation_id)
+        self._flushed_at.pop(conversation_id, None)  # e.g. the reply ended: the next starts afresh
         self.emit(conversation_id, frame)
 
     def deliver_local(self, conversation_id: str, frame: str) -> None:
