@@ -31,7 +31,7 @@ FLUSH_MAX_S = 0.1
 
 @dataclass(slots=True)
 class _PendingDelta:
-    """Deltas of one reply published since the conversation's last frame, joined."""
+    """Deltas of one reply published before the conversation's next frame is due, joined."""
 
     message_id: str
     offset: int
@@ -43,11 +43,10 @@ class _PendingDelta:
 class Hub:
     """In-process fan-out; `RedisHub` extends it across processes (docs/scaling.md).
 
-    Deltas of a conversation published within one turn of the event loop go out as one frame
-    (offsets stay exact): a burst of chunks read from the provider costs each subscriber one
-    frame, not one per chunk. A conversation with many subscribers gets frames no more often
-    than its fan-out can afford (`FLUSH_US_PER_SUBSCRIBER`). Any other event of the
-    conversation sends them first, so order holds.
+    A conversation with many subscribers gets delta frames no more often than its fan-out can
+    afford (`FLUSH_US_PER_SUBSCRIBER`): deltas published before the next frame is due are
+    joined into it (offsets stay exact), so a burst of chunks costs each subscriber one frame,
+    not one per chunk. Any other event of the conversation sends them first, so order holds.
     """
 
     def __init__(self) -> None:
@@ -99,18 +98,21 @@ class Hub:
                 pending.end += len(text)
                 return
             self.flush(conversation_id)
-        pending = _PendingDelta(message_id, offset, offset + len(text), [text])
-        self._deltas[conversation_id] = pending
         loop = asyncio.get_running_loop()
+        now = loop.time()
         subscribers = len(self._subs.get(conversation_id, ()))
         due = self._flushed_at.get(conversation_id, 0.0) + min(
             FLUSH_MAX_S, subscribers * FLUSH_US_PER_SUBSCRIBER / 1e6
         )
-        wait = due - loop.time()
-        if wait > 0:
-            pending.timer = loop.call_later(wait, self.flush, conversation_id)
-        else:
-            pending.timer = loop.call_soon(self.flush, conversation_id)
+        if now >= due:
+            # Out at once: the stream loop may not yield for a while (a burst of chunks), and
+            # a later callback would hold the first words back until it does.
+            self._flushed_at[conversation_id] = now
+            self.emit_delta(conversation_id, message_id, offset, text)
+            return
+        pending = _PendingDelta(message_id, offset, offset + len(text), [text])
+        pending.timer = loop.call_later(due - now, self.flush, conversation_id)
+        self._deltas[conversation_id] = pending
 
     def flush(self, conversation_id: str) -> None:
         """Send the conversation's joined deltas now."""

@@ -38,7 +38,7 @@ from .views import conversation_view, message_event, message_view, openai_messag
 
 if TYPE_CHECKING:
     from .leases import Lease, RedisLeases
-    from .store.models import Message
+    from .store.models import Conversation, Message
     from .store.repo import Store
     from .tools import ToolRegistry, ToolResult
 
@@ -414,17 +414,18 @@ class Router:
                 self.hub.publish(conversation_id, message_event(row))
         while not self.closing and (lease is None or not lease.lost):
             self._dirty.discard(conversation_id)
-            message = await self.store.next_unanswered(conversation_id)
-            if message is None:
+            waiting = await self.store.next_unanswered(conversation_id)
+            if waiting is None:
                 if conversation_id in self._dirty:
                     continue  # stored while we looked
                 return
+            conv, message = waiting
             pending = self._pending_reply(conversation_id, message)
             self._current[conversation_id] = pending
             if lease is not None:
                 lease.on_lost = lambda p=pending: _interrupt(p)
             try:
-                await self._reply(conversation_id, pending)
+                await self._reply(conv, pending)
             except Exception:
                 log.exception("reply failed in conversation %s", conversation_id)
             finally:
@@ -457,10 +458,8 @@ class Router:
             if conversation_id not in self._workers:
                 self.kick(conversation_id)
 
-    async def _reply(self, conversation_id: str, pending: PendingReply) -> None:
-        conv = await self.store.get_conversation_any(conversation_id)
-        if conv is None:
-            return
+    async def _reply(self, conv: Conversation, pending: PendingReply) -> None:
+        conversation_id = conv.id
         model = pending.model or conv.model or self.llm.default_model()
         temperature = pending.temperature
         plan = _Plan(
@@ -507,9 +506,9 @@ class Router:
     async def _turn(self, conversation_id: str, pending: PendingReply, plan: _Plan) -> _TurnResult:
         """One model turn into one assistant row: streamed, checkpointed, then finalised."""
         async with self._lock(conversation_id):
-            row = await self.store.add_message(
-                conversation_id=conversation_id,
-                role="assistant",
+            row, history = await self.store.start_turn(
+                conversation_id,
+                upto_user_seq=pending.seq,
                 content="",
                 status="streaming",
                 model=plan.model,
@@ -522,7 +521,6 @@ class Router:
         try:
             if pending.cancel_requested or pending.interrupted:
                 raise asyncio.CancelledError  # stopped before it started: nothing to stream
-            history = await self.store.context(conversation_id, upto_user_seq=pending.seq)
             messages = self.llm_trim(openai_messages(history), plan.model)
             stream = asyncio.ensure_future(
                 self._stream(conversation_id, active, result, messages, plan)

@@ -325,6 +325,22 @@ class Store:
         Every stored message the user has seen, without user messages queued after it and
         without replies that failed or are still streaming.
         """
+        async with self._tx() as session:
+            return await self._context(session, conversation_id, upto_user_seq)
+
+    @timed
+    async def start_turn(
+        self, conversation_id: str, *, upto_user_seq: int, **fields: Any
+    ) -> tuple[Message, list[Message]]:
+        """Store the assistant row a model turn streams into, and read that turn's context,
+        in one transaction: one round trip less before the first token."""
+        async with self._tx() as session:
+            row = await self._insert(session, conversation_id, role="assistant", **fields)
+            return row, await self._context(session, conversation_id, upto_user_seq)
+
+    async def _context(
+        self, session: AsyncSession, conversation_id: str, upto_user_seq: int
+    ) -> list[Message]:
         query = (
             select(Message)
             .where(
@@ -335,16 +351,16 @@ class Store:
             )
             .order_by(Message.seq)
         )
-        async with self._tx() as session:
-            return list((await session.scalars(query)).all())
+        return list((await session.scalars(query)).all())
 
     # ---- the reply queue ------------------------------------------------------------------
 
     @timed
-    async def next_unanswered(self, conversation_id: str) -> Message | None:
-        """The oldest user message of the conversation still waiting for its reply."""
+    async def next_unanswered(self, conversation_id: str) -> tuple[Conversation, Message] | None:
+        """The oldest user message of the conversation still waiting for its reply, with the
+        conversation (its settings shape the reply)."""
         query = (
-            select(Message)
+            select(Conversation, Message)
             .join(Conversation, Conversation.id == Message.conversation_id)
             .where(
                 Message.conversation_id == conversation_id,
@@ -355,7 +371,8 @@ class Store:
             .limit(1)
         )
         async with self._tx() as session:
-            return (await session.scalars(query)).first()
+            row = (await session.execute(query)).first()
+        return (row[0], row[1]) if row is not None else None
 
     @timed
     async def mark_answered(self, conversation_id: str, seq: int) -> None:
