@@ -1,10 +1,11 @@
 """`cortex doctor`: check the configuration before (or while) serving, and say what to fix.
 
 Checks, in order: the database is reachable and migrated (alembic's current revision against the
-newest one this Cortex ships), the access settings would let the server start, the chosen
-provider's keys are present (LiteLLM's `validate_environment`), and the model answers a one-token
-request through the same `LlmService` the server uses. Exit status 1 if any check failed;
-warnings (a database not migrated yet, which `cortex serve` does at start) leave it at 0.
+newest one this Cortex ships), Redis answers (when `CORTEX_REDIS_URL` is set), the access
+settings would let the server start, the chosen provider's keys are present (LiteLLM's
+`validate_environment`), and the model answers a one-token request through the same
+`LlmService` the server uses. Exit status 1 if any check failed; warnings (a database not
+migrated yet, which `cortex serve` does at start) leave it at 0.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
@@ -55,6 +58,8 @@ async def run_checks(
     state = _State()
     checks = [Check("settings", "ok", _describe_settings(settings, env))]
     checks.extend(await _database(settings, state, limit_s))
+    if settings.redis_url is not None:
+        checks.append(await _redis(settings.redis_url.get_secret_value(), limit_s))
     checks.append(await _auth(settings, state))
     checks.extend(_keys(settings, state, env))
     if not call_model:
@@ -208,6 +213,25 @@ def _known(revision: str, url: str) -> bool:
         return ScriptDirectory.from_config(alembic_config(url)).get_revision(revision) is not None
     except Exception:
         return False
+
+
+async def _redis(url: str, limit_s: float) -> Check:
+    """Several processes share events and reply leases through Redis: without it, replies wait."""
+    shown = safe_url(url)
+    client = Redis.from_url(url, socket_connect_timeout=limit_s, socket_timeout=limit_s)
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(_ping(client), limit_s)
+    except (RedisError, OSError, TimeoutError) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        return Check("redis", "fail", f"{shown} unreachable: {type(exc).__name__}: {detail[:200]}")
+    finally:
+        await client.aclose()
+    return Check("redis", "ok", f"{shown} reachable ({(time.monotonic() - started) * 1000:.0f} ms)")
+
+
+async def _ping(client: Redis) -> None:
+    await client.ping()  # type: ignore[misc]  # redis-py types it as sync-or-async
 
 
 async def _auth(settings: Settings, state: _State) -> Check:

@@ -9,6 +9,7 @@ import pytest
 
 from cortex import cli
 from cortex.testing.fake_openai import FakeOpenAI, Reply
+from cortex.testing.services import RedisServer
 
 COMMANDS = [
     [],
@@ -112,3 +113,20 @@ async def test_doctor_reports_an_unreachable_database(
     monkeypatch.setenv("CORTEX_DATABASE_URL", "postgresql+asyncpg://cortex:s3cret@127.0.0.1:1/x")
     status, out = await doctor(capsys, "--no-model")
     assert status == 1 and "FAIL  database" in out and "s3cret" not in out
+
+
+async def test_doctor_checks_redis_when_processes_share_it(
+    doctor_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    redis_server: RedisServer,
+) -> None:
+    monkeypatch.setenv("CORTEX_REDIS_URL", redis_server.url)
+    status, out = await doctor(capsys, "--no-model")
+    assert status == 0, out
+    assert f"ok    redis         {redis_server.url} reachable" in out
+
+    monkeypatch.setenv("CORTEX_REDIS_URL", "redis://:s3cret@127.0.0.1:1/0")
+    status, out = await doctor(capsys, "--no-model")
+    assert status == 1 and "FAIL  redis" in out and "unreachable" in out
+    assert "s3cret" not in out
