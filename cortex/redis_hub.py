@@ -164,6 +164,8 @@ class RedisHub(Hub):
                     await pubsub.subscribe(channel)
                 except (RedisError, OSError) as exc:
                     log.warning("could not subscribe to %s: %s", channel, exc)
+        if not self._connected:
+            return  # Redis is away: the listener subscribes on reconnect and catches clients up
         try:
             await asyncio.wait_for(asyncio.shield(subscribed), WATCH_TIMEOUT)
         except TimeoutError:
