@@ -305,3 +305,37 @@ def _version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time of a process, its live descendants and its reaped children (cutime, cstime).
+
+    For a PostgreSQL postmaster: its backends come and go, and a backend's time moves to
+    the postmaster's cutime/cstime when it is reaped, so the sum only grows.
+    """
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    reaped = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        pid = int(entry)
+        parents[pid] = int(fields[1])
+        times[pid] = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        if pid == root:
+            reaped = (int(fields[13]) + int(fields[14])) / _CLK_TCK
+    if root not in times:
+        return math.nan
+    total = reaped
+    for pid, cpu in times.items():
+        ancestor = pid
+        while ancestor not in (root, 0, 1) and ancestor in parents:
+            ancestor = parents[ancestor]
+        if ancestor == root:
+            total += cpu
+    return total

@@ -2,11 +2,13 @@
 
     .venv/bin/python bench/capacity.py [--steps 10 25 50 100 200 400] [--tokens 200]
                                        [--chunk-delay 0.025] [--workers 2] [--no-litellm]
-                                       [--profile] [--json]
+                                       [--database sqlite|postgres] [--profile] [--json]
 
 Processes, all on 127.0.0.1: the fake OpenAI-compatible provider (cortex.testing's, one word
 per chunk, --chunk-delay between chunks: 0.025 s is 40 tokens/s), a `cortex serve` process
-on a fresh SQLite file, and `--workers` client processes (bench/_swarm.py).
+on a fresh SQLite file (or, with `--database postgres`, on a fresh database of a private
+PostgreSQL cluster started for the run by cortex.testing.services.PostgresServer: needs
+Debian's postgresql, see scripts/test.sh), and `--workers` client processes (bench/_swarm.py).
 
 Each step C: C clients each send the first message of a new conversation, their starts
 spread evenly over one second, and record the arrival time of every delta frame of the
@@ -14,7 +16,7 @@ reply. The step passes when every reply completes and the 99th percentile of the
 between consecutive delta frames of a stream, over all streams, is under 100 ms. Steps run
 upward until one fails; then (--refine) one step halfway between the last pass and it.
 Printed per step: p50/p99/max gap, first-delta latency, the server's CPU use (1.0 = one core
-busy), its RSS, and the largest passing C.
+busy), PostgreSQL's (all its processes) on that database, its RSS, and the largest passing C.
 
 For comparison, the same C streams through `litellm.acompletion` alone in one client
 process (no Cortex, no WebSocket, no database): what LiteLLM's own per-chunk cost allows on
@@ -48,6 +50,7 @@ from _common import (
     proc_status,
     start_cortex,
     start_fake_provider,
+    tree_cpu_seconds,
 )
 from _swarm import Profiler, Swarm, db_latency, raise_fd_limit, scrape, server_settings
 
@@ -75,6 +78,7 @@ class Step:
     long_gaps: int  # gaps of LIMIT_MS or more
     long_gaps_by_second: dict[int, int]  # second of the run (from the first send) -> count
     db: dict[str, dict[str, float]]  # the server's store operations over the step
+    db_cpu_share: float = float("nan")  # PostgreSQL's CPU seconds / wall seconds (postgres)
 
     @property
     def passed(self) -> bool:
@@ -90,6 +94,7 @@ def summarize(
     cpu: float,
     rss: int,
     db: dict[str, dict[str, float]] | None = None,
+    db_cpu: float = float("nan"),
 ) -> Step:
     streams = [s for r in results for s in r["streams"]]
     done = [s for s in streams if s["status"] == "complete"]
@@ -124,6 +129,7 @@ def summarize(
         long_gaps=len(late),
         long_gaps_by_second=_by_second(late),
         db=db or {},
+        db_cpu_share=db_cpu / wall if wall else float("nan"),
     )
 
 
@@ -135,7 +141,12 @@ def _by_second(moments: list[float]) -> dict[int, int]:
 
 
 async def cortex_step(
-    swarm: Swarm, server: Child, concurrency: int, tokens: int, spy: Profiler | None
+    swarm: Swarm,
+    server: Child,
+    concurrency: int,
+    tokens: int,
+    spy: Profiler | None,
+    postmaster: int | None = None,
 ) -> Step:
     opened = await swarm.split(
         "connect",
@@ -151,6 +162,7 @@ async def cortex_step(
     metrics0 = await scrape(server.url)
     start_at = time.monotonic() + 0.5
     cpu0 = proc_cpu_seconds(server.pid)
+    db_cpu0 = tree_cpu_seconds(postmaster) if postmaster else float("nan")
     async with spy if spy is not None else contextlib.nullcontext():
         # Each worker spreads its own share over the same second, so all starts interleave.
         results = await swarm.split(
@@ -164,10 +176,11 @@ async def cortex_step(
         )
     end = max((s["final"] for r in results for s in r["streams"]), default=time.monotonic())
     cpu = proc_cpu_seconds(server.pid) - cpu0
+    db_cpu = tree_cpu_seconds(postmaster) - db_cpu0 if postmaster else float("nan")
     rss = proc_status(server.pid).get("VmRSS", 0)
     db = db_latency(metrics0, await scrape(server.url))
     await swarm.each("close", TIMEOUT, timeout=10.0)
-    return summarize("cortex", concurrency, tokens, results, end - start_at, cpu, rss, db)
+    return summarize("cortex", concurrency, tokens, results, end - start_at, cpu, rss, db, db_cpu)
 
 
 async def litellm_step(swarm: Swarm, api_base: str, concurrency: int, tokens: int) -> Step:
@@ -207,6 +220,34 @@ def next_step(steps: list[int], results: list[Step], refine: int) -> int | None:
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    if args.database != "postgres":
+        return await measure_on(args, {}, None)
+    from cortex.testing.services import PostgresServer
+
+    postgres = PostgresServer()
+    try:
+        await asyncio.to_thread(postgres.start)
+        url = await asyncio.to_thread(postgres.create_database, "cortex_capacity")
+        assert postgres.folder is not None
+        pid_file = postgres.folder / "data" / "postmaster.pid"
+        postmaster = int(pid_file.read_text().split("\n", 1)[0])
+        report = await measure_on(args, {"CORTEX_DATABASE_URL": url}, postmaster)
+        report["database"] = f"postgres {postgres_version(postgres)}"
+        return report
+    finally:
+        await asyncio.to_thread(postgres.stop)
+
+
+def postgres_version(postgres: Any) -> str:
+    with contextlib.suppress(OSError, IndexError):
+        assert postgres.folder is not None
+        return (postgres.folder / "data" / "PG_VERSION").read_text().strip()
+    return "?"
+
+
+async def measure_on(
+    args: argparse.Namespace, database: dict[str, str], postmaster: int | None
+) -> dict[str, Any]:
     fd_limit = raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="cortex-capacity-") as tmp:
         workdir = Path(tmp)
@@ -230,6 +271,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "CORTEX_MAX_CONNECTIONS": "50000",
                     "CORTEX_RATE_PER_S": "100000",
                     "CORTEX_RATE_BURST": "100000",
+                    **database,
                     **server_settings(args.set),
                 },
             )
@@ -239,19 +281,23 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             ours0 = time.process_time() + sum(
                 proc_cpu_seconds(p) for p in (fake.pid, server.pid, *swarm.pids)
             )
+            if postmaster:
+                ours0 += tree_cpu_seconds(postmaster)
             idle_rss = proc_status(server.pid).get("VmRSS", 0)
             cortex: list[Step] = []
             litellm: list[Step] = []
             profile: list[str] = []
             try:
                 # Warm-up, not counted: first-call costs of LiteLLM and of the server.
-                await cortex_step(swarm, server, 5, args.tokens, None)
+                await cortex_step(swarm, server, 5, args.tokens, None, postmaster)
                 concurrency = next_step(args.steps, cortex, args.refine)
                 while concurrency is not None:
                     spy = None
                     if args.profile and not profile and concurrency >= args.profile:
                         spy = Profiler(server.pid, workdir / "profile.txt")
-                    cortex.append(await cortex_step(swarm, server, concurrency, args.tokens, spy))
+                    cortex.append(
+                        await cortex_step(swarm, server, concurrency, args.tokens, spy, postmaster)
+                    )
                     if spy is not None:
                         profile = [f"at C={concurrency}:", *spy.top(args.profile_lines)]
                     await asyncio.sleep(1.0)
@@ -266,6 +312,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 ours = time.process_time() + sum(
                     proc_cpu_seconds(p) for p in (fake.pid, server.pid, *swarm.pids)
                 )
+                if postmaster:
+                    ours += tree_cpu_seconds(postmaster)
             finally:
                 await swarm.stop()
             other_cpu = foreign.fraction(ours - ours0)
@@ -275,6 +323,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
+        "database": "sqlite" if postmaster is None else "postgres",
         "tokens": args.tokens,
         "chunk_delay_s": args.chunk_delay,
         "workers": args.workers,
@@ -302,7 +351,8 @@ def render(report: dict[str, Any]) -> str:
         f"litellm {m.get('litellm', '?')}, websockets {m.get('websockets', '?')}, "
         f"cortex {m.get('cortex_commit', '?')}",
         f"replies of {report['tokens']} one-word chunks, {report['chunk_delay_s'] * 1000:g} ms "
-        f"apart ({rate:.0f} tokens/s), starts spread over {STAGGER_S:g} s; pass: all complete "
+        f"apart ({rate:.0f} tokens/s), starts spread over {STAGGER_S:g} s; cortex on "
+        f"{report.get('database', 'sqlite')}; pass: all complete "
         f"and p99 gap < {LIMIT_MS:g} ms; other processes used "
         f"{report['other_processes_cpu_fraction']:.0%} of the CPU meanwhile"
         + (f"; server settings: {' '.join(report['settings'])}" if report["settings"] else ""),
@@ -327,6 +377,8 @@ def render(report: dict[str, Any]) -> str:
             if s.long_gaps:
                 when = ", ".join(f"{k}s: {v}" for k, v in s.long_gaps_by_second.items())
                 out.append(f"{'':<15} {s.long_gaps} gaps >= {LIMIT_MS:g} ms, by second: {when}")
+            if s.db_cpu_share == s.db_cpu_share:  # not NaN: PostgreSQL's CPU was measured
+                out.append(f"{'':<15} postgres CPU: {s.db_cpu_share:.2f}")
             if s.db:
                 ops = ", ".join(
                     f"{op} {v['calls']:.0f}x mean {v['mean_ms']:.1f} p99<={v['p99_ms']:g}"
@@ -356,7 +408,8 @@ def render(report: dict[str, Any]) -> str:
         "gap: time between consecutive delta frames (chunks, for litellm) of one stream, as the",
         "client saw them; 1st: send to first delta; frames: per stream (fewer than chunks when",
         "the server merged deltas of a lagging writer); tok/s: chunks / (last - first delta);",
-        "CPU: the process doing the work (cortex server / the litellm client), 1.0 = one core.",
+        "CPU: the process doing the work (cortex server / the litellm client), 1.0 = one core;",
+        "postgres CPU: the PostgreSQL cluster's processes over the same step, 1.0 = one core.",
     ]
     return "\n".join(out)
 
@@ -373,6 +426,13 @@ def main(argv: list[str] | None = None) -> int:
         "--refine", type=int, default=1, help="halving steps after the first failure"
     )
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM alone")
+    parser.add_argument(
+        "--database",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="Cortex's database: a fresh SQLite file, or a database of a private PostgreSQL "
+        "cluster started for the run (needs Debian's postgresql)",
+    )
     parser.add_argument(
         "--profile",
         type=int,

@@ -76,7 +76,9 @@ TERMINAL = ("complete", "cancelled", "error", "interrupted")
 RECV_TIMEOUT = 45.0  # no event for this long while one is owed: a stuck reply
 REPLY_TIMEOUT = 90.0  # from send (or reconnect) to the final message
 EXIT_MARGIN = 15.0  # Router.drain waits `grace`, then up to 10 s for the replies it cancelled
-CANCEL_SILENCE = 10.0  # after a cancel's ack: no event for this long ends the wait
+# After a cancel's ack: no event for this long ends the wait. Every reply, cancelled ones too,
+# ends with its final message, so this only separates "slow under overload" from "never".
+CANCEL_SILENCE = 30.0
 
 
 # ------------------------------------------------------------------------ provider's replies

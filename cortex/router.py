@@ -644,9 +644,8 @@ class Router:
             )
         async with self._lock(conversation_id):
             # Shielded: a shutdown that cancels the reply must not also cancel storing it.
-            await asyncio.shield(self.store.update_message(message_id, **fields))
+            row = await asyncio.shield(self.store.finish_message(message_id, **fields))
             self._active.pop(conversation_id, None)
-            row = await asyncio.shield(self.store.get_message(message_id))
             if row is not None:
                 self.hub.publish(conversation_id, message_event(row))
             self.hub.reply_finished(message_id)

@@ -286,8 +286,14 @@ class Store:
             )
 
     @timed
-    async def get_message(self, message_id: str) -> Message | None:
+    async def finish_message(self, message_id: str, **fields: Any) -> Message | None:
+        """Store a reply's final state and read the row back, in one transaction."""
         async with self._tx() as session:
+            await session.execute(
+                update(Message)
+                .where(Message.id == message_id)
+                .values(updated_at=utcnow(), **fields)
+            )
             return await session.get(Message, message_id)
 
     @timed
