@@ -258,3 +258,38 @@ async def test_slow_reader_is_dropped_and_others_go_on(
     assert close_frame is not None and close_frame.code == 1013
     # The server gave up on the slow client; the writer is still served.
     assert (await writer.request(type="ping"))["type"] == "pong"
+
+
+async def test_messages_waiting_at_shutdown_are_answered_by_the_next_start(
+    start_server: Any, connect_to: Any, provider: FakeOpenAI
+) -> None:
+    provider.enqueue(Reply(text=LONG * 10, chunk_delay=0.02), Reply(text="answered after restart"))
+    app = await start_server(shutdown_grace_s=0.2)
+    client: Client = await connect_to(app)
+    conversation_id = await _start_reply(client)
+    await client.until_type("delta")
+    queued = await client.request(
+        type="send", conversation_id=conversation_id, content="and this one?"
+    )
+    assert queued["type"] == "ack" and queued["seq"] == 3
+    await app.stop()  # the reply in progress is interrupted; the queued message stays stored
+    # The reply queue is in the database: the next server answers what was acknowledged.
+    again = await start_server(shutdown_grace_s=0.2)
+    watcher: Client = await connect_to(again)
+    await watcher.request(type="subscribe", conversation_id=conversation_id, after_seq=0)
+    events = await watcher.until(
+        lambda e: (
+            e["type"] == "message"
+            and e["message"]["role"] == "assistant"
+            and e["message"]["status"] == "complete"
+        )
+    )
+    final = events[-1]["message"]
+    assert (final["seq"], final["content"]) == (4, "answered after restart")
+    page = await watcher.request(type="history", conversation_id=conversation_id)
+    assert [(m["seq"], m["role"], m["status"]) for m in page["messages"]] == [
+        (1, "user", "complete"),
+        (2, "assistant", "interrupted"),
+        (3, "user", "complete"),
+        (4, "assistant", "complete"),
+    ]
