@@ -221,17 +221,13 @@ async def _redis(url: str, limit_s: float) -> Check:
     client = Redis.from_url(url, socket_connect_timeout=limit_s, socket_timeout=limit_s)
     started = time.monotonic()
     try:
-        await asyncio.wait_for(_ping(client), limit_s)
+        await asyncio.wait_for(client.ping(), limit_s)
     except (RedisError, OSError, TimeoutError) as exc:
         detail = " ".join(str(exc).split()) or type(exc).__name__
         return Check("redis", "fail", f"{shown} unreachable: {type(exc).__name__}: {detail[:200]}")
     finally:
         await client.aclose()
     return Check("redis", "ok", f"{shown} reachable ({(time.monotonic() - started) * 1000:.0f} ms)")
-
-
-async def _ping(client: Redis) -> None:
-    await client.ping()  # type: ignore[misc]  # redis-py types it as sync-or-async
 
 
 async def _auth(settings: Settings, state: _State) -> Check:
