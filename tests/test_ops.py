@@ -83,7 +83,9 @@ async def test_metrics_follow_a_real_exchange(
     assert grew("cortex_tokens_total", model=MODEL, kind="completion") == 4
     assert grew("cortex_tokens_total", model=MODEL, kind="prompt") > 0
     assert grew("cortex_db_operation_seconds_count", operation="add_user_message") == 1
-    assert grew("cortex_db_operation_seconds_count", operation="update_message") >= 1
+    # The final state is stored once per turn (checkpoints only when a reply outlasts their
+    # interval, so their count depends on timing).
+    assert grew("cortex_db_operation_seconds_count", operation="finish_message") == 1
     assert value(after, "cortex_subscriptions") == 1
     assert value(after, "cortex_replies_in_progress") == 0
 
