@@ -41,14 +41,13 @@ async def test_same_new_conversation_send_on_two_connections_is_stored_once(
 async def test_cancel_while_the_reply_is_being_stored_still_sends_the_final_message(
     client: Client, provider: FakeOpenAI, server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = Store.update_message
+    original = Store.finish_message
 
-    async def slow_final(self: Store, message_id: str, **fields: Any) -> None:
-        if fields.get("status") not in (None, "streaming"):
-            await asyncio.sleep(0.3)  # a final write that takes a while, as under load
-        await original(self, message_id, **fields)
+    async def slow_final(self: Store, message_id: str, **fields: Any) -> Any:
+        await asyncio.sleep(0.3)  # a final write that takes a while, as under load
+        return await original(self, message_id, **fields)
 
-    monkeypatch.setattr(Store, "update_message", slow_final)
+    monkeypatch.setattr(Store, "finish_message", slow_final)
     provider.enqueue(Reply(text=TEXT))
     await client.send(type="send", content="hi")
     conversation_id = (await client.until_type("ack"))[-1]["conversation_id"]
