@@ -38,8 +38,8 @@ from .views import conversation_view, message_event, message_view, openai_messag
 
 if TYPE_CHECKING:
     from .leases import Lease, RedisLeases
-    from .store.models import Conversation, Message
-    from .store.repo import Store
+    from .store.models import Message
+    from .store.repo import Store, WaitingTurn
     from .tools import ToolRegistry, ToolResult
 
 log = logging.getLogger("cortex.router")
@@ -93,7 +93,7 @@ class _Plan:
 
 @dataclass(slots=True)
 class _TurnResult:
-    message_id: str
+    message_id: str = ""  # the assistant row, once stored
     text: str = ""
     calls: tuple[ToolCall, ...] = ()
     usage: UsageInfo | None = None
@@ -414,18 +414,18 @@ class Router:
                 self.hub.publish(conversation_id, message_event(row))
         while not self.closing and (lease is None or not lease.lost):
             self._dirty.discard(conversation_id)
-            waiting = await self.store.next_unanswered(conversation_id)
+            waiting = await self.store.waiting_turn(conversation_id)
             if waiting is None:
                 if conversation_id in self._dirty:
                     continue  # stored while we looked
                 return
-            conv, message = waiting
+            message = waiting.message
             pending = self._pending_reply(conversation_id, message)
             self._current[conversation_id] = pending
             if lease is not None:
                 lease.on_lost = lambda p=pending: _interrupt(p)
             try:
-                await self._reply(conv, pending)
+                await self._reply(waiting, pending)
             except Exception:
                 log.exception("reply failed in conversation %s", conversation_id)
             finally:
@@ -458,7 +458,8 @@ class Router:
             if conversation_id not in self._workers:
                 self.kick(conversation_id)
 
-    async def _reply(self, conv: Conversation, pending: PendingReply) -> None:
+    async def _reply(self, waiting: WaitingTurn, pending: PendingReply) -> None:
+        conv = waiting.conversation
         conversation_id = conv.id
         model = pending.model or conv.model or self.llm.default_model()
         temperature = pending.temperature
@@ -480,8 +481,10 @@ class Router:
         )
         try:
             rounds = 0
+            context: list[Message] | None = waiting.context
             while True:
-                result = await self._turn(conversation_id, pending, plan)
+                result = await self._turn(conversation_id, pending, plan, context)
+                context = None  # read again after each tool round
                 if not result.calls or pending.cancel_requested or pending.interrupted:
                     return
                 rounds += 1
@@ -503,31 +506,54 @@ class Router:
             return []
         return self.tools.specs(names)
 
-    async def _turn(self, conversation_id: str, pending: PendingReply, plan: _Plan) -> _TurnResult:
-        """One model turn into one assistant row: streamed, checkpointed, then finalised."""
-        async with self._lock(conversation_id):
-            row, history = await self.store.start_turn(
-                conversation_id,
-                upto_user_seq=pending.seq,
-                content="",
-                status="streaming",
-                model=plan.model,
-            )
-            active = ActiveReply(message_id=row.id, seq=row.seq)
-            self._active[conversation_id] = active
-            self.hub.publish(conversation_id, message_event(row))
-        result = _TurnResult(message_id=row.id)
-        status, error = "complete", None
-        try:
-            if pending.cancel_requested or pending.interrupted:
-                raise asyncio.CancelledError  # stopped before it started: nothing to stream
-            messages = self.llm_trim(openai_messages(history), plan.model)
+    async def _turn(
+        self,
+        conversation_id: str,
+        pending: PendingReply,
+        plan: _Plan,
+        context: list[Message] | None,
+    ) -> _TurnResult:
+        """One model turn into one assistant row: streamed, checkpointed, then finalised.
+
+        The model is called as soon as the context is read. Its first words wait for the row
+        they stream into, which is stored meanwhile: a database round trip less before them.
+        """
+        if context is None:
+            context = await self.store.context(conversation_id, upto_user_seq=pending.seq)
+        result = _TurnResult()
+        row_ready: asyncio.Future[ActiveReply] = asyncio.get_running_loop().create_future()
+        stream: asyncio.Future[None] | None = None
+        if not (pending.cancel_requested or pending.interrupted):
+            messages = self.llm_trim(openai_messages(context), plan.model)
             stream = asyncio.ensure_future(
-                self._stream(conversation_id, active, result, messages, plan)
+                self._stream(conversation_id, row_ready, result, messages, plan)
             )
             pending.interruptible = stream
-            if pending.cancel_requested or pending.interrupted:
-                stream.cancel()  # asked for while the context was being read
+        try:
+            async with self._lock(conversation_id):
+                row = await self.store.add_message(
+                    conversation_id=conversation_id,
+                    role="assistant",
+                    content="",
+                    status="streaming",
+                    model=plan.model,
+                )
+                self.hub.publish(conversation_id, message_event(row))
+        except BaseException:
+            if stream is not None:
+                pending.interruptible = None
+                stream.cancel()
+                await asyncio.gather(stream, return_exceptions=True)
+            raise
+        active = ActiveReply(message_id=row.id, seq=row.seq)
+        self._active[conversation_id] = active
+        result.message_id = row.id
+        if not row_ready.done():  # a cancelled stream takes its wait for the row with it
+            row_ready.set_result(active)
+        status, error = "complete", None
+        try:
+            if stream is None:
+                raise asyncio.CancelledError  # stopped before it started: nothing to stream
             try:
                 await stream
             finally:
@@ -570,11 +596,12 @@ class Router:
     async def _stream(
         self,
         conversation_id: str,
-        active: ActiveReply,
+        row_ready: asyncio.Future[ActiveReply],
         result: _TurnResult,
         messages: list[dict[str, Any]],
         plan: _Plan,
     ) -> None:
+        active: ActiveReply | None = None
         interval = self.settings.checkpoint_ms / 1000
         next_checkpoint = time.monotonic() + interval
         next_yield = 0.0
@@ -586,6 +613,8 @@ class Router:
             temperature=plan.temperature,
             tools=plan.specs or None,
         ):
+            if active is None:
+                active = await row_ready  # the row the reply streams into is stored
             if isinstance(event, TextDelta):
                 text = event.text
                 if not active.length:

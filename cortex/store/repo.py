@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -20,6 +20,14 @@ TITLE_CHARS = 80
 CONVERSATION_SETTINGS = frozenset({"title", "model", "system_prompt", "temperature"})
 # A reply's context keeps assistant text the user has seen; failed partial replies are left out.
 _CONTEXT_STATUSES = ("complete", "cancelled", "interrupted")
+
+
+class WaitingTurn(NamedTuple):
+    """A reply to start: the user message it answers, its conversation, what the model sees."""
+
+    conversation: Conversation
+    message: Message
+    context: list[Message]
 
 
 class StoreError(Internal):
@@ -216,21 +224,20 @@ class Store:
                 )
                 session.add(conv)
                 await session.flush()
-            else:
-                maybe = await session.get(Conversation, conversation_id)
-                if maybe is None or maybe.owner != owner:
-                    return None
-                conv = maybe
-            message = await self._insert(
+            taken = await self._take_seq(session, conversation_id or conv.id, owner=owner)
+            if taken is None:
+                return None
+            conv, seq = taken
+            message = await self._add(
                 session,
                 conv.id,
+                seq,
                 role="user",
                 content=content,
                 status="complete",
                 client_msg_id=client_msg_id,
                 reply_options=reply_options or None,
             )
-            await session.refresh(conv)
             return conv, message, True
 
     async def _find_client_msg(
@@ -247,17 +254,34 @@ class Store:
         return (row[0], row[1]) if row is not None else None
 
     async def _insert(self, session: AsyncSession, conversation_id: str, **fields: Any) -> Message:
+        taken = await self._take_seq(session, conversation_id)
+        if taken is None:
+            raise StoreError("no such conversation")
+        return await self._add(session, conversation_id, taken[1], **fields)
+
+    async def _take_seq(
+        self, session: AsyncSession, conversation_id: str, *, owner: str | None = None
+    ) -> tuple[Conversation, int] | None:
+        """The conversation (as updated) and the next seq in it; None if it is not there (or
+        not `owner`'s). One statement: the write comes first, so it holds the row's lock."""
         # Taking the next seq with UPDATE ... RETURNING locks the conversation row, so seq stays
         # gap-free and unique under concurrent writers (SQLite and PostgreSQL alike).
-        now = utcnow()
-        seq = (
-            await session.execute(
-                update(Conversation)
-                .where(Conversation.id == conversation_id)
-                .values(last_seq=Conversation.last_seq + 1, updated_at=now)
-                .returning(Conversation.last_seq)
+        query = update(Conversation).where(Conversation.id == conversation_id)
+        if owner is not None:
+            query = query.where(Conversation.owner == owner)
+        conv = (
+            await session.scalars(
+                query.values(last_seq=Conversation.last_seq + 1, updated_at=utcnow())
+                .returning(Conversation)
+                .execution_options(populate_existing=True)
             )
-        ).scalar_one()
+        ).one_or_none()
+        return (conv, conv.last_seq) if conv is not None else None
+
+    async def _add(
+        self, session: AsyncSession, conversation_id: str, seq: int, **fields: Any
+    ) -> Message:
+        now = utcnow()
         message = Message(
             id=new_id(),
             conversation_id=conversation_id,
@@ -334,16 +358,6 @@ class Store:
         async with self._tx() as session:
             return await self._context(session, conversation_id, upto_user_seq)
 
-    @timed
-    async def start_turn(
-        self, conversation_id: str, *, upto_user_seq: int, **fields: Any
-    ) -> tuple[Message, list[Message]]:
-        """Store the assistant row a model turn streams into, and read that turn's context,
-        in one transaction: one round trip less before the first token."""
-        async with self._tx() as session:
-            row = await self._insert(session, conversation_id, role="assistant", **fields)
-            return row, await self._context(session, conversation_id, upto_user_seq)
-
     async def _context(
         self, session: AsyncSession, conversation_id: str, upto_user_seq: int
     ) -> list[Message]:
@@ -365,6 +379,24 @@ class Store:
     async def next_unanswered(self, conversation_id: str) -> tuple[Conversation, Message] | None:
         """The oldest user message of the conversation still waiting for its reply, with the
         conversation (its settings shape the reply)."""
+        async with self._tx() as session:
+            return await self._next_unanswered(session, conversation_id)
+
+    @timed
+    async def waiting_turn(self, conversation_id: str) -> WaitingTurn | None:
+        """The oldest user message still waiting for its reply, its conversation, and what the
+        model sees to answer it: everything the model call needs, in one read."""
+        async with self._tx() as session:
+            waiting = await self._next_unanswered(session, conversation_id)
+            if waiting is None:
+                return None
+            conv, message = waiting
+            context = await self._context(session, conversation_id, message.seq)
+        return WaitingTurn(conv, message, context)
+
+    async def _next_unanswered(
+        self, session: AsyncSession, conversation_id: str
+    ) -> tuple[Conversation, Message] | None:
         query = (
             select(Conversation, Message)
             .join(Conversation, Conversation.id == Message.conversation_id)
@@ -376,8 +408,7 @@ class Store:
             .order_by(Message.seq)
             .limit(1)
         )
-        async with self._tx() as session:
-            row = (await session.execute(query)).first()
+        row = (await session.execute(query)).first()
         return (row[0], row[1]) if row is not None else None
 
     @timed
@@ -503,4 +534,4 @@ def _title(content: str) -> str:
     return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
 
 
-__all__: Sequence[str] = ("Store", "StoreError")
+__all__: Sequence[str] = ("Store", "StoreError", "WaitingTurn")
