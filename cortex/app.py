@@ -290,6 +290,7 @@ class Cortex:
             await server.wait_closed()
         await self.manager.close()
         await self.hub.close()
+        await self.store.close()
         await self.engine.dispose()
 
 
@@ -301,6 +302,7 @@ async def running(settings: Settings, *, llm: LlmService | None = None) -> Async
         await app.start()
     except BaseException:
         await app.hub.close()
+        await app.store.close()
         await app.engine.dispose()  # e.g. refused to start (AuthConfigError)
         raise
     try:

@@ -156,8 +156,8 @@ def test_database_is_intact_after_fuzzing(threaded_server: Cortex) -> None:
         from cortex.store import Store, make_engine
 
         engine = make_engine(threaded_server.settings)
+        store = Store(engine)
         try:
-            store = Store(engine)
             conversations, _ = await store.conversations(owner="local", limit=200)
             for conv in conversations:
                 rows, _ = await store.messages(conv.id, limit=200)
@@ -168,6 +168,7 @@ def test_database_is_intact_after_fuzzing(threaded_server: Cortex) -> None:
 
                 assert (await conn.execute(text("PRAGMA integrity_check"))).scalar() == "ok"
         finally:
+            await store.close()
             await engine.dispose()
 
     asyncio.run(check())

@@ -102,6 +102,7 @@ async def test_shutdown_refuses_new_sends_and_leaves_nothing_streaming(
         conversations, _ = await store.conversations(owner="local")
         statuses = [r.status for c in conversations for r in (await store.messages(c.id))[0]]
     finally:
+        await store.close()
         await engine.dispose()
     assert "streaming" not in statuses and "interrupted" in statuses
     assert len(conversations) == 1  # the refused send stored nothing

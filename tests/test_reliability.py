@@ -200,7 +200,9 @@ async def test_graceful_shutdown_interrupts_long_replies_and_closes_1001(
 
     engine = make_engine(app.settings)
     try:
-        rows, _ = await Store(engine).messages(conversation_id)
+        store = Store(engine)
+        rows, _ = await store.messages(conversation_id)
+        await store.close()
     finally:
         await engine.dispose()
     assert rows[-1].status == "interrupted" and rows[-1].content

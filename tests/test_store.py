@@ -1,34 +1,70 @@
-"""The store's engine on a real SQLite file migrated by alembic."""
+"""The store's transactions, on a real SQLite file and a real PostgreSQL, migrated by alembic."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from conftest import make_settings
-from sqlalchemy import text
+from sqlalchemy.orm import Session
 
-from cortex.store import make_engine, migrate
+from cortex.store import Store, make_engine, migrate
+from cortex.store.models import Conversation, utcnow
+
+BOTH_BACKENDS = True
 
 
-async def test_a_connection_given_back_mid_transaction_is_rolled_back(tmp_path: Path) -> None:
-    # The pool skips its rollback after a commit (a round trip saved); a transaction still
-    # open must be rolled back all the same, or the next borrower would inherit it.
-    settings = make_settings(tmp_path)
-    await asyncio.to_thread(migrate, settings.database_url)
-    engine = make_engine(settings)
+@pytest.fixture
+async def store(database_url: str, tmp_path: Path) -> AsyncIterator[Store]:
+    await asyncio.to_thread(migrate, database_url)
+    engine = make_engine(make_settings(tmp_path, database_url=database_url))
+    store = Store(engine)
     try:
-        async with engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            await raw.driver_connection.execute(
-                "INSERT INTO conversations (id, owner, title, last_seq, answered_seq, "
-                "created_at, updated_at) VALUES ('c1', 'u', 't', 0, 0, '2026-01-01', '2026-01-01')"
-            )
-            assert raw.driver_connection.in_transaction
-        async with engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            assert not raw.driver_connection.in_transaction
-            count = (await conn.execute(text("SELECT count(*) FROM conversations"))).scalar()
-        assert count == 0
+        yield store
     finally:
+        await store.close()
         await engine.dispose()
+
+
+def _conversation(conversation_id: str) -> Conversation:
+    now = utcnow()
+    return Conversation(
+        id=conversation_id,
+        owner="u",
+        title="t",
+        last_seq=0,
+        answered_seq=0,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+async def test_a_transaction_that_raises_stores_nothing(store: Store) -> None:
+    def add_then_fail(session: Session) -> None:
+        session.add(_conversation("c1"))
+        session.flush()  # the row is written inside the transaction...
+        raise RuntimeError("...and the transaction fails after it")
+
+    with pytest.raises(RuntimeError):
+        await store._run(add_then_fail)
+    assert await store.get_conversation_any("c1") is None
+
+    def add(session: Session) -> None:
+        session.add(_conversation("c2"))
+
+    await store._run(add)
+    assert await store.get_conversation_any("c2") is not None
+
+
+async def test_sqlite_transactions_leave_the_event_loop_thread(store: Store) -> None:
+    # aiosqlite would wake the loop for every cursor call; a whole transaction in a thread
+    # wakes it once. On PostgreSQL asyncpg is async, so the loop's thread runs them.
+    loop_thread = threading.get_ident()
+    ran_in = await store._run(lambda _session: threading.get_ident())
+    if store.engine.dialect.name == "sqlite":
+        assert ran_in != loop_thread
+    else:
+        assert ran_in == loop_thread

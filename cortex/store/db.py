@@ -7,9 +7,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import PoolResetState
 
 from ..config import Settings
 
@@ -22,23 +21,24 @@ def make_engine(settings: Settings) -> AsyncEngine:
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 30}
-        # The pool rolls back every connection it gets back; after a commit that rollback is
-        # a no-op that still costs a round trip to aiosqlite's thread. `_rollback_if_open`
-        # does it only when a transaction is really open.
-        kwargs["pool_reset_on_return"] = None
     else:
         # Replies checkpoint beside their streams: room for many short transactions at once.
         kwargs.update(pool_pre_ping=True, pool_size=20, max_overflow=40, pool_timeout=60)
     engine = create_async_engine(url, **kwargs)
     if url.startswith("sqlite"):
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        event.listen(engine.sync_engine, "reset", _rollback_if_open)
     return engine
 
 
-def _rollback_if_open(dbapi_conn: Any, _record: Any, state: PoolResetState) -> None:
-    if state.asyncio_safe and dbapi_conn.driver_connection.in_transaction:
-        dbapi_conn.rollback()
+def sqlite_thread_engine(engine: AsyncEngine) -> Engine:
+    """The same SQLite file through the plain `sqlite3` driver, for transactions run whole in
+    a thread (`cortex.store.transactions`), with the same pragmas."""
+    sync = create_engine(
+        engine.url.set(drivername="sqlite+pysqlite"),
+        connect_args={"timeout": 30, "check_same_thread": False},
+    )
+    event.listen(sync, "connect", _sqlite_pragmas)
+    return sync
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -1,25 +1,32 @@
-"""Every query Cortex runs. SQLAlchemy's errors become `StoreError` here, at one boundary."""
+"""Every query Cortex runs. SQLAlchemy's errors become `StoreError` here, at one boundary.
+
+Each `Store` method is one transaction: a plain function of a `Session`, handed to
+`Transactions`, which runs it in a thread (SQLite) or over asyncpg (PostgreSQL).
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import Session
 
 from ..errors import Internal
 from .models import Conversation, Message, new_id, utcnow
 from .timing import Observer, timed
+from .transactions import Transactions
 
 TITLE_CHARS = 80
 # What `update_conversation` may change: the per-conversation settings and the title.
 CONVERSATION_SETTINGS = frozenset({"title", "model", "system_prompt", "temperature"})
 # A reply's context keeps assistant text the user has seen; failed partial replies are left out.
 _CONTEXT_STATUSES = ("complete", "cancelled", "interrupted")
+
+T = TypeVar("T")
 
 
 class WaitingTurn(NamedTuple):
@@ -39,14 +46,15 @@ class Store:
 
     def __init__(self, engine: AsyncEngine, *, observe: Observer | None = None) -> None:
         self.engine = engine
-        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._transactions = Transactions(engine)
         self.observe = observe  # (operation, seconds) of each call: the database latency metric
 
-    @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[AsyncSession]:
+    async def close(self) -> None:
+        await self._transactions.close()
+
+    async def _run(self, fn: Callable[[Session], T]) -> T:
         try:
-            async with self._sessions() as session, session.begin():
-                yield session
+            return await self._transactions.run(fn)
         except IntegrityError:
             raise
         except SQLAlchemyError as exc:
@@ -55,8 +63,7 @@ class Store:
     @timed
     async def ping(self) -> bool:
         try:
-            async with self._tx() as session:
-                await session.execute(text("SELECT 1"))
+            await self._run(lambda session: session.execute(text("SELECT 1")))
         except StoreError:
             return False
         return True
@@ -66,25 +73,24 @@ class Store:
     @timed
     async def get_conversation(self, conversation_id: str, *, owner: str) -> Conversation | None:
         """The conversation if it exists and belongs to `owner`; None otherwise (no probing)."""
-        async with self._tx() as session:
-            conv = await session.get(Conversation, conversation_id)
+        conv = await self._run(lambda session: session.get(Conversation, conversation_id))
         return conv if conv is not None and conv.owner == owner else None
 
     @timed
     async def get_conversation_any(self, conversation_id: str) -> Conversation | None:
         """For the server's own use (replies), whoever the owner is."""
-        async with self._tx() as session:
-            return await session.get(Conversation, conversation_id)
+        return await self._run(lambda session: session.get(Conversation, conversation_id))
 
     @timed
     async def conversations(
         self, *, owner: str, before: str | None = None, limit: int = 50
     ) -> tuple[list[Conversation], bool]:
         """The owner's conversations, most recently active first."""
-        query = select(Conversation).where(Conversation.owner == owner)
-        async with self._tx() as session:
+
+        def page(session: Session) -> Sequence[Conversation]:
+            query = select(Conversation).where(Conversation.owner == owner)
             if before is not None:
-                anchor = await session.get(Conversation, before)
+                anchor = session.get(Conversation, before)
                 if anchor is not None and anchor.owner == owner:
                     query = query.where(
                         or_(
@@ -95,13 +101,10 @@ class Store:
                             ),
                         )
                     )
-            rows = (
-                await session.scalars(
-                    query.order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(
-                        limit + 1
-                    )
-                )
-            ).all()
+            order = (Conversation.updated_at.desc(), Conversation.id.desc())
+            return session.scalars(query.order_by(*order).limit(limit + 1)).all()
+
+        rows = await self._run(page)
         return list(rows[:limit]), len(rows) > limit
 
     @timed
@@ -115,28 +118,35 @@ class Store:
         unknown = set(fields) - CONVERSATION_SETTINGS
         if unknown:
             raise ValueError(f"not a conversation setting: {', '.join(sorted(unknown))}")
-        async with self._tx() as session:
-            conv = await session.get(Conversation, conversation_id)
+
+        def change(session: Session) -> Conversation | None:
+            conv = session.get(Conversation, conversation_id)
             if conv is None or conv.owner != owner:
                 return None
             for name, value in fields.items():
                 setattr(conv, name, value)
+            session.flush()
             return conv
+
+        return await self._run(change)
 
     @timed
     async def set_title_if(
         self, conversation_id: str, *, expected: str, title: str
     ) -> Conversation | None:
         """Replace the title only if it is still `expected` (nobody renamed it meanwhile)."""
-        async with self._tx() as session:
-            result = await session.execute(
+
+        def rename(session: Session) -> Conversation | None:
+            result = session.execute(
                 update(Conversation)
                 .where(Conversation.id == conversation_id, Conversation.title == expected)
                 .values(title=title)
             )
             if not getattr(result, "rowcount", 0):
                 return None
-            return await session.get(Conversation, conversation_id)
+            return session.get(Conversation, conversation_id, populate_existing=True)
+
+        return await self._run(rename)
 
     @timed
     async def delete_conversation(self, conversation_id: str, *, owner: str) -> int | None:
@@ -144,17 +154,20 @@ class Store:
 
         None if the conversation does not exist or is not the owner's.
         """
-        async with self._tx() as session:
-            conv = await session.get(Conversation, conversation_id)
+
+        def remove(session: Session) -> int | None:
+            conv = session.get(Conversation, conversation_id)
             if conv is None or conv.owner != owner:
                 return None
             # Messages first: the foreign key cascades too, but only where the database enforces
             # it (SQLite needs a pragma), and an explicit delete does not depend on that.
-            result = await session.execute(
+            result = session.execute(
                 delete(Message).where(Message.conversation_id == conversation_id)
             )
-            await session.execute(delete(Conversation).where(Conversation.id == conversation_id))
+            session.execute(delete(Conversation).where(Conversation.id == conversation_id))
             return int(getattr(result, "rowcount", 0) or 0)
+
+        return await self._run(remove)
 
     # ---- messages -----------------------------------------------------------------------
 
@@ -176,42 +189,14 @@ class Store:
         Returns (conversation, message, created). A repeated `client_msg_id` returns the
         stored message with created=False (an idempotent retry). None: no such conversation.
         """
-        for _attempt in range(3):
-            try:
-                return await self._add_user_message(
-                    owner=owner,
-                    conversation_id=conversation_id,
-                    content=content,
-                    client_msg_id=client_msg_id,
-                    model=model,
-                    system_prompt=system_prompt,
-                    temperature=temperature,
-                    reply_options=reply_options,
-                )
-            except IntegrityError:
-                # A concurrent retry of the same client_msg_id won the insert: read it back.
-                if client_msg_id is None:
-                    raise
-        raise StoreError("could not store the message")
 
-    async def _add_user_message(
-        self,
-        *,
-        owner: str,
-        conversation_id: str | None,
-        content: str,
-        client_msg_id: str | None,
-        model: str | None,
-        system_prompt: str | None,
-        temperature: float | None,
-        reply_options: dict[str, Any] | None,
-    ) -> tuple[Conversation, Message, bool] | None:
-        async with self._tx() as session:
+        def store(session: Session) -> tuple[Conversation, Message, bool] | None:
             if client_msg_id is not None:
-                found = await self._find_client_msg(session, owner, conversation_id, client_msg_id)
+                found = _find_client_msg(session, owner, conversation_id, client_msg_id)
                 if found is not None:
                     return found[0], found[1], False
-            if conversation_id is None:
+            target = conversation_id
+            if target is None:
                 conv = Conversation(
                     id=new_id(),
                     owner=owner,
@@ -223,12 +208,13 @@ class Store:
                     answered_seq=0,
                 )
                 session.add(conv)
-                await session.flush()
-            taken = await self._take_seq(session, conversation_id or conv.id, owner=owner)
+                session.flush()
+                target = conv.id
+            taken = _take_seq(session, target, owner=owner)
             if taken is None:
                 return None
             conv, seq = taken
-            message = await self._add(
+            message = _add(
                 session,
                 conv.id,
                 seq,
@@ -240,85 +226,33 @@ class Store:
             )
             return conv, message, True
 
-    async def _find_client_msg(
-        self, session: AsyncSession, owner: str, conversation_id: str | None, client_msg_id: str
-    ) -> tuple[Conversation, Message] | None:
-        query = (
-            select(Conversation, Message)
-            .join(Message, Message.conversation_id == Conversation.id)
-            .where(Conversation.owner == owner, Message.client_msg_id == client_msg_id)
-        )
-        if conversation_id is not None:
-            query = query.where(Conversation.id == conversation_id)
-        row = (await session.execute(query.limit(1))).first()
-        return (row[0], row[1]) if row is not None else None
-
-    async def _insert(self, session: AsyncSession, conversation_id: str, **fields: Any) -> Message:
-        taken = await self._take_seq(session, conversation_id)
-        if taken is None:
-            raise StoreError("no such conversation")
-        return await self._add(session, conversation_id, taken[1], **fields)
-
-    async def _take_seq(
-        self, session: AsyncSession, conversation_id: str, *, owner: str | None = None
-    ) -> tuple[Conversation, int] | None:
-        """The conversation (as updated) and the next seq in it; None if it is not there (or
-        not `owner`'s). One statement: the write comes first, so it holds the row's lock."""
-        # Taking the next seq with UPDATE ... RETURNING locks the conversation row, so seq stays
-        # gap-free and unique under concurrent writers (SQLite and PostgreSQL alike).
-        query = update(Conversation).where(Conversation.id == conversation_id)
-        if owner is not None:
-            query = query.where(Conversation.owner == owner)
-        conv = (
-            await session.scalars(
-                query.values(last_seq=Conversation.last_seq + 1, updated_at=utcnow())
-                .returning(Conversation)
-                .execution_options(populate_existing=True)
-            )
-        ).one_or_none()
-        return (conv, conv.last_seq) if conv is not None else None
-
-    async def _add(
-        self, session: AsyncSession, conversation_id: str, seq: int, **fields: Any
-    ) -> Message:
-        now = utcnow()
-        message = Message(
-            id=new_id(),
-            conversation_id=conversation_id,
-            seq=seq,
-            created_at=now,
-            updated_at=now,
-            **fields,
-        )
-        session.add(message)
-        await session.flush()
-        return message
+        for _attempt in range(3):
+            try:
+                return await self._run(store)
+            except IntegrityError:
+                # A concurrent retry of the same client_msg_id won the insert: read it back.
+                if client_msg_id is None:
+                    raise
+        raise StoreError("could not store the message")
 
     @timed
     async def add_message(self, *, conversation_id: str, role: str, **fields: Any) -> Message:
         """Store an assistant, tool or system message at the next seq."""
-        async with self._tx() as session:
-            return await self._insert(session, conversation_id, role=role, **fields)
+        return await self._run(lambda session: _insert(session, conversation_id, role, fields))
 
     @timed
     async def update_message(self, message_id: str, **fields: Any) -> None:
-        async with self._tx() as session:
-            await session.execute(
-                update(Message)
-                .where(Message.id == message_id)
-                .values(updated_at=utcnow(), **fields)
-            )
+        await self._run(lambda session: _update_message(session, message_id, fields))
 
     @timed
     async def finish_message(self, message_id: str, **fields: Any) -> Message | None:
         """Store a reply's final state and read the row back, in one transaction."""
-        async with self._tx() as session:
-            await session.execute(
-                update(Message)
-                .where(Message.id == message_id)
-                .values(updated_at=utcnow(), **fields)
-            )
-            return await session.get(Message, message_id)
+
+        def finish(session: Session) -> Message | None:
+            _update_message(session, message_id, fields)
+            return session.get(Message, message_id, populate_existing=True)
+
+        return await self._run(finish)
 
     @timed
     async def messages(
@@ -331,22 +265,19 @@ class Store:
     ) -> tuple[list[Message], bool]:
         """A page in seq order: the oldest after `after_seq`, or the newest before `before_seq`."""
         query = select(Message).where(Message.conversation_id == conversation_id)
-        async with self._tx() as session:
-            if after_seq is not None:
-                rows = (
-                    await session.scalars(
-                        query.where(Message.seq > after_seq).order_by(Message.seq).limit(limit + 1)
-                    )
-                ).all()
-                return list(rows[:limit]), len(rows) > limit
+        if after_seq is not None:
+            query = query.where(Message.seq > after_seq).order_by(Message.seq)
+        else:
             if before_seq is not None:
                 query = query.where(Message.seq < before_seq)
-            rows = (
-                await session.scalars(query.order_by(Message.seq.desc()).limit(limit + 1))
-            ).all()
-        page = list(rows[:limit])
-        page.reverse()
-        return page, len(rows) > limit
+            query = query.order_by(Message.seq.desc())
+        query = query.limit(limit + 1)
+        rows = list(await self._run(lambda session: session.scalars(query).all()))
+        more = len(rows) > limit
+        page = rows[:limit]
+        if after_seq is None:
+            page.reverse()
+        return page, more
 
     @timed
     async def context(self, conversation_id: str, *, upto_user_seq: int) -> list[Message]:
@@ -355,23 +286,7 @@ class Store:
         Every stored message the user has seen, without user messages queued after it and
         without replies that failed or are still streaming.
         """
-        async with self._tx() as session:
-            return await self._context(session, conversation_id, upto_user_seq)
-
-    async def _context(
-        self, session: AsyncSession, conversation_id: str, upto_user_seq: int
-    ) -> list[Message]:
-        query = (
-            select(Message)
-            .where(
-                Message.conversation_id == conversation_id,
-                # A failed tool result still answers its call: the model needs to see it.
-                or_(Message.status.in_(_CONTEXT_STATUSES), Message.role == "tool"),
-                or_(Message.role != "user", Message.seq <= upto_user_seq),
-            )
-            .order_by(Message.seq)
-        )
-        return list((await session.scalars(query)).all())
+        return await self._run(lambda session: _context(session, conversation_id, upto_user_seq))
 
     # ---- the reply queue ------------------------------------------------------------------
 
@@ -379,47 +294,32 @@ class Store:
     async def next_unanswered(self, conversation_id: str) -> tuple[Conversation, Message] | None:
         """The oldest user message of the conversation still waiting for its reply, with the
         conversation (its settings shape the reply)."""
-        async with self._tx() as session:
-            return await self._next_unanswered(session, conversation_id)
+        return await self._run(lambda session: _next_unanswered(session, conversation_id))
 
     @timed
     async def waiting_turn(self, conversation_id: str) -> WaitingTurn | None:
         """The oldest user message still waiting for its reply, its conversation, and what the
         model sees to answer it: everything the model call needs, in one read."""
-        async with self._tx() as session:
-            waiting = await self._next_unanswered(session, conversation_id)
+
+        def read(session: Session) -> WaitingTurn | None:
+            waiting = _next_unanswered(session, conversation_id)
             if waiting is None:
                 return None
             conv, message = waiting
-            context = await self._context(session, conversation_id, message.seq)
-        return WaitingTurn(conv, message, context)
+            return WaitingTurn(conv, message, _context(session, conversation_id, message.seq))
 
-    async def _next_unanswered(
-        self, session: AsyncSession, conversation_id: str
-    ) -> tuple[Conversation, Message] | None:
-        query = (
-            select(Conversation, Message)
-            .join(Conversation, Conversation.id == Message.conversation_id)
-            .where(
-                Message.conversation_id == conversation_id,
-                Message.role == "user",
-                Message.seq > Conversation.answered_seq,
-            )
-            .order_by(Message.seq)
-            .limit(1)
-        )
-        row = (await session.execute(query)).first()
-        return (row[0], row[1]) if row is not None else None
+        return await self._run(read)
 
     @timed
     async def mark_answered(self, conversation_id: str, seq: int) -> None:
         """The reply to user message `seq` is settled: it leaves the queue (never moves back)."""
-        async with self._tx() as session:
-            await session.execute(
+        await self._run(
+            lambda session: session.execute(
                 update(Conversation)
                 .where(Conversation.id == conversation_id, Conversation.answered_seq < seq)
                 .values(answered_seq=seq)
             )
+        )
 
     @timed
     async def messages_changed_since(self, conversation_id: str, since: datetime) -> list[Message]:
@@ -429,8 +329,7 @@ class Store:
             .where(Message.conversation_id == conversation_id, Message.updated_at >= since)
             .order_by(Message.seq)
         )
-        async with self._tx() as session:
-            return list((await session.scalars(query)).all())
+        return list(await self._run(lambda session: session.scalars(query).all()))
 
     @timed
     async def streaming_message(self, conversation_id: str) -> Message | None:
@@ -441,8 +340,7 @@ class Store:
             .order_by(Message.seq.desc())
             .limit(1)
         )
-        async with self._tx() as session:
-            return (await session.scalars(query)).first()
+        return await self._run(lambda session: session.scalars(query).first())
 
     @timed
     async def settle_streaming(self, conversation_id: str) -> list[Message]:
@@ -452,14 +350,13 @@ class Store:
         streaming there. The user message they answered leaves the queue, so it is not answered
         twice; messages queued after it are answered next.
         """
-        async with self._tx() as session:
+
+        def settle(session: Session) -> list[Message]:
             rows = list(
-                (
-                    await session.scalars(
-                        select(Message).where(
-                            Message.conversation_id == conversation_id,
-                            Message.status == "streaming",
-                        )
+                session.scalars(
+                    select(Message).where(
+                        Message.conversation_id == conversation_id,
+                        Message.status == "streaming",
                     )
                 ).all()
             )
@@ -471,7 +368,7 @@ class Store:
                 row.error_code = "interrupted"
                 row.finish_reason = "interrupted"
                 row.updated_at = now
-            answered = await session.scalar(
+            answered = session.scalar(
                 select(func.max(Message.seq)).where(
                     Message.conversation_id == conversation_id,
                     Message.role == "user",
@@ -479,12 +376,15 @@ class Store:
                 )
             )
             if answered is not None:
-                await session.execute(
+                session.execute(
                     update(Conversation)
                     .where(Conversation.id == conversation_id, Conversation.answered_seq < answered)
                     .values(answered_seq=answered)
                 )
+            session.flush()
             return rows
+
+        return await self._run(settle)
 
     @timed
     async def conversations_awaiting_reply(self, *, limit: int = 500) -> list[str]:
@@ -496,19 +396,14 @@ class Store:
             .where(Message.role == "user", Message.seq > Conversation.answered_seq)
         )
         streaming = select(Message.conversation_id).where(Message.status == "streaming")
-        async with self._tx() as session:
-            found = (await session.scalars(queued.union(streaming).limit(limit))).all()
-        return list(found)
+        query = queued.union(streaming).limit(limit)
+        return list(await self._run(lambda session: session.scalars(query).all()))
 
     @timed
     async def recover_interrupted(self) -> int:
         """At start-up of a lone process: every row left `streaming` was its predecessor's."""
-        async with self._tx() as session:
-            ids = (
-                await session.scalars(
-                    select(Message.conversation_id).where(Message.status == "streaming").distinct()
-                )
-            ).all()
+        query = select(Message.conversation_id).where(Message.status == "streaming").distinct()
+        ids = await self._run(lambda session: session.scalars(query).all())
         count = 0
         for conversation_id in ids:
             count += len(await self.settle_streaming(conversation_id))
@@ -516,17 +411,105 @@ class Store:
 
     @timed
     async def count_messages(self, conversation_id: str) -> int:
-        async with self._tx() as session:
-            return int(
-                (
-                    await session.scalar(
-                        select(func.count())
-                        .select_from(Message)
-                        .where(Message.conversation_id == conversation_id)
-                    )
-                )
-                or 0
-            )
+        query = (
+            select(func.count())
+            .select_from(Message)
+            .where(Message.conversation_id == conversation_id)
+        )
+        return int(await self._run(lambda session: session.scalar(query)) or 0)
+
+
+# ---- queries used by several transactions ------------------------------------------------
+
+
+def _find_client_msg(
+    session: Session, owner: str, conversation_id: str | None, client_msg_id: str
+) -> tuple[Conversation, Message] | None:
+    query = (
+        select(Conversation, Message)
+        .join(Message, Message.conversation_id == Conversation.id)
+        .where(Conversation.owner == owner, Message.client_msg_id == client_msg_id)
+    )
+    if conversation_id is not None:
+        query = query.where(Conversation.id == conversation_id)
+    row = session.execute(query.limit(1)).first()
+    return (row[0], row[1]) if row is not None else None
+
+
+def _insert(session: Session, conversation_id: str, role: str, fields: dict[str, Any]) -> Message:
+    taken = _take_seq(session, conversation_id)
+    if taken is None:
+        raise StoreError("no such conversation")
+    return _add(session, conversation_id, taken[1], role=role, **fields)
+
+
+def _take_seq(
+    session: Session, conversation_id: str, *, owner: str | None = None
+) -> tuple[Conversation, int] | None:
+    """The conversation (as updated) and the next seq in it; None if it is not there (or not
+    `owner`'s). One statement: the write comes first, so it holds the row's lock."""
+    # Taking the next seq with UPDATE ... RETURNING locks the conversation row, so seq stays
+    # gap-free and unique under concurrent writers (SQLite and PostgreSQL alike).
+    query = update(Conversation).where(Conversation.id == conversation_id)
+    if owner is not None:
+        query = query.where(Conversation.owner == owner)
+    conv = session.scalars(
+        query.values(last_seq=Conversation.last_seq + 1, updated_at=utcnow())
+        .returning(Conversation)
+        .execution_options(populate_existing=True)
+    ).one_or_none()
+    return (conv, conv.last_seq) if conv is not None else None
+
+
+def _add(session: Session, conversation_id: str, seq: int, **fields: Any) -> Message:
+    now = utcnow()
+    message = Message(
+        id=new_id(),
+        conversation_id=conversation_id,
+        seq=seq,
+        created_at=now,
+        updated_at=now,
+        **fields,
+    )
+    session.add(message)
+    session.flush()
+    return message
+
+
+def _update_message(session: Session, message_id: str, fields: dict[str, Any]) -> None:
+    session.execute(
+        update(Message).where(Message.id == message_id).values(updated_at=utcnow(), **fields)
+    )
+
+
+def _context(session: Session, conversation_id: str, upto_user_seq: int) -> list[Message]:
+    query = (
+        select(Message)
+        .where(
+            Message.conversation_id == conversation_id,
+            # A failed tool result still answers its call: the model needs to see it.
+            or_(Message.status.in_(_CONTEXT_STATUSES), Message.role == "tool"),
+            or_(Message.role != "user", Message.seq <= upto_user_seq),
+        )
+        .order_by(Message.seq)
+    )
+    return list(session.scalars(query).all())
+
+
+def _next_unanswered(session: Session, conversation_id: str) -> tuple[Conversation, Message] | None:
+    query = (
+        select(Conversation, Message)
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(
+            Message.conversation_id == conversation_id,
+            Message.role == "user",
+            Message.seq > Conversation.answered_seq,
+        )
+        .order_by(Message.seq)
+        .limit(1)
+    )
+    row = session.execute(query).first()
+    return (row[0], row[1]) if row is not None else None
 
 
 def _title(content: str) -> str:
