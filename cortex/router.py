@@ -39,7 +39,7 @@ from .views import conversation_view, message_event, message_view, openai_messag
 if TYPE_CHECKING:
     from .leases import Lease, RedisLeases
     from .store.models import Message
-    from .store.repo import Store, WaitingTurn
+    from .store.repo import ContextMessage, Store, WaitingTurn
     from .tools import ToolRegistry, ToolResult
 
 log = logging.getLogger("cortex.router")
@@ -481,7 +481,7 @@ class Router:
         )
         try:
             rounds = 0
-            context: list[Message] | None = waiting.context
+            context: list[ContextMessage] | None = waiting.context
             while True:
                 result = await self._turn(conversation_id, pending, plan, context)
                 context = None  # read again after each tool round
@@ -511,7 +511,7 @@ class Router:
         conversation_id: str,
         pending: PendingReply,
         plan: _Plan,
-        context: list[Message] | None,
+        context: list[ContextMessage] | None,
     ) -> _TurnResult:
         """One model turn into one assistant row: streamed, checkpointed, then finalised.
 

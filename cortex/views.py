@@ -27,6 +27,19 @@ class MessageRow(Protocol):
     created_at: datetime
 
 
+class ModelMessageRow(Protocol):
+    """What the model is shown of a stored message."""
+
+    @property
+    def role(self) -> str: ...
+    @property
+    def content(self) -> str: ...
+    @property
+    def tool_calls(self) -> list[dict[str, Any]] | None: ...
+    @property
+    def tool_call_id(self) -> str | None: ...
+
+
 class ConversationRow(Protocol):
     id: str
     title: str
@@ -87,7 +100,7 @@ def conversation_view(row: ConversationRow) -> ConversationView:
     )
 
 
-def openai_messages(rows: Sequence[MessageRow]) -> list[dict[str, Any]]:
+def openai_messages(rows: Sequence[ModelMessageRow]) -> list[dict[str, Any]]:
     """History in the order providers require: each assistant tool call followed by its result.
 
     A tool call whose result was never stored (a reply cancelled mid-tools) is left out, since

@@ -29,12 +29,21 @@ _CONTEXT_STATUSES = ("complete", "cancelled", "interrupted")
 T = TypeVar("T")
 
 
+class ContextMessage(NamedTuple):
+    """A stored message as the model sees it: only what `views.openai_messages` reads."""
+
+    role: str
+    content: str
+    tool_calls: list[dict[str, Any]] | None
+    tool_call_id: str | None
+
+
 class WaitingTurn(NamedTuple):
     """A reply to start: the user message it answers, its conversation, what the model sees."""
 
     conversation: Conversation
     message: Message
-    context: list[Message]
+    context: list[ContextMessage]
 
 
 class StoreError(Internal):
@@ -280,7 +289,7 @@ class Store:
         return page, more
 
     @timed
-    async def context(self, conversation_id: str, *, upto_user_seq: int) -> list[Message]:
+    async def context(self, conversation_id: str, *, upto_user_seq: int) -> list[ContextMessage]:
         """What the model sees for the reply to user message `upto_user_seq`.
 
         Every stored message the user has seen, without user messages queued after it and
@@ -482,9 +491,11 @@ def _update_message(session: Session, message_id: str, fields: dict[str, Any]) -
     )
 
 
-def _context(session: Session, conversation_id: str, upto_user_seq: int) -> list[Message]:
+def _context(session: Session, conversation_id: str, upto_user_seq: int) -> list[ContextMessage]:
+    # Plain rows, not ORM objects: this read is on every reply's way to the model, and a long
+    # conversation's rows cost two to three times as much to load as ORM objects.
     query = (
-        select(Message)
+        select(Message.role, Message.content, Message.tool_calls, Message.tool_call_id)
         .where(
             Message.conversation_id == conversation_id,
             # A failed tool result still answers its call: the model needs to see it.
@@ -493,7 +504,7 @@ def _context(session: Session, conversation_id: str, upto_user_seq: int) -> list
         )
         .order_by(Message.seq)
     )
-    return list(session.scalars(query).all())
+    return [ContextMessage(*row) for row in session.execute(query)]
 
 
 def _next_unanswered(session: Session, conversation_id: str) -> tuple[Conversation, Message] | None:
@@ -517,4 +528,9 @@ def _title(content: str) -> str:
     return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
 
 
-__all__: Sequence[str] = ("Store", "StoreError", "WaitingTurn")
+__all__: Sequence[str] = (
+    "ContextMessage",
+    "Store",
+    "StoreError",
+    "WaitingTurn",
+)
