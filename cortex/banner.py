@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import make_url
@@ -64,4 +65,11 @@ def banner(app: Cortex) -> list[str]:
         f"  metrics   {base}/metrics ({metrics_access(s)})",
         f"  logs      {s.log_format}, level {s.log_level.upper()}"
         + (", with message text (CORTEX_LOG_CONTENT)" if s.log_content else ""),
+        f"  loop      {event_loop_name()}",
     ]
+
+
+def event_loop_name() -> str:
+    """`uvloop` or `asyncio`: which event loop this server runs on (CORTEX_UVLOOP)."""
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.startswith("uvloop") else "asyncio"

@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     rate_burst: int = Field(default=60, ge=1)
     rate_strikes: int = Field(default=20, ge=1)
     max_connections: int = Field(default=10_000, ge=1)
+    uvloop: bool = True  # `cortex serve` runs on uvloop when it is installed
 
     max_tool_rounds: int = Field(default=5, ge=1, le=50)
     tool_timeout: float = Field(default=30.0, gt=0)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
-from conftest import Client
+import pytest
+from conftest import TIMEOUT, Client
+from processes import cortex_process
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
 
 from cortex.app import Cortex
 from cortex.banner import banner, safe_url
@@ -213,5 +218,22 @@ async def test_banner_says_what_runs_and_hides_the_password(server: Cortex) -> N
     assert "Cortex 0.1.0" in lines and f"127.0.0.1:{server.port}" in lines
     assert "openai/fake-model" in lines and "auth      off" in lines
     assert "metrics" in lines and "sqlite+aiosqlite" in lines
+    assert "loop      asyncio" in lines  # pytest's loop; `cortex serve` picks uvloop (below)
     hidden = safe_url("postgresql+asyncpg://cortex:s3cret@db.internal:5432/cortex")
     assert hidden == "postgresql+asyncpg://cortex:***@db.internal:5432/cortex"
+
+
+@pytest.mark.parametrize("setting, loop", [("true", "uvloop"), ("false", "asyncio")])
+async def test_serve_runs_on_uvloop_unless_turned_off(
+    tmp_path: Path, provider: FakeOpenAI, setting: str, loop: str
+) -> None:
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'cortex.db'}"
+    async with cortex_process(tmp_path, provider, database_url, uvloop=setting) as (proc, url):
+        assert proc.stdout is not None
+        async with asyncio.timeout(TIMEOUT):
+            while not (line := (await proc.stdout.readline()).decode()).startswith("  loop"):
+                assert line, "the banner ended without its loop line"
+        assert line.split() == ["loop", loop]
+        async with connect(url) as ws:  # and it serves
+            await ws.send(json.dumps({"type": "ping"}))
+            assert json.loads(await ws.recv())["type"] == "pong"
