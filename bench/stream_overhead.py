@@ -56,7 +56,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 SYSTEM_PROMPT = "You are a helpful assistant."  # Cortex's default, sent by both modes
 PROMPT = "Please write a long answer."
-TIMEOUT = 120.0
+TIMEOUT = 120.0  # per batch, plus a second per 200 chunks in it (C=200 x 1,000 chunks: 1,120 s)
 
 
 @dataclass
@@ -135,12 +135,17 @@ async def direct_stream(litellm: ModuleType, api_base: str, hook: Hook | None) -
     return StreamTiming(first=first - start, total=end - start, chunks=chunks)
 
 
+def batch_timeout(streams: int, chunks: int) -> float:
+    """Long enough for a batch on a slow, loaded machine: fixed, plus time for every chunk."""
+    return TIMEOUT + streams * chunks / 200
+
+
 async def direct_batch(
-    litellm: ModuleType, api_base: str, concurrency: int, hook: Hook | None = None
+    litellm: ModuleType, api_base: str, concurrency: int, chunks: int, hook: Hook | None = None
 ) -> Batch:
     cpu0 = time.process_time()
     start = time.perf_counter()
-    async with asyncio.timeout(TIMEOUT):
+    async with asyncio.timeout(batch_timeout(concurrency, chunks)):
         streams = await asyncio.gather(
             *(direct_stream(litellm, api_base, hook) for _ in range(concurrency))
         )
@@ -180,10 +185,10 @@ async def cortex_stream(ws: ClientConnection) -> StreamTiming:
     return StreamTiming(first=first - start, total=end - start, chunks=deltas)
 
 
-async def cortex_batch(clients: list[ClientConnection], server: Child) -> Batch:
+async def cortex_batch(clients: list[ClientConnection], server: Child, chunks: int) -> Batch:
     cpu0 = proc_cpu_seconds(server.pid)
     start = time.perf_counter()
-    async with asyncio.timeout(TIMEOUT):
+    async with asyncio.timeout(batch_timeout(len(clients), chunks)):
         streams = await asyncio.gather(*(cortex_stream(ws) for ws in clients))
     wall = time.perf_counter() - start
     # Let the reply's last bookkeeping (typing off) finish before reading the CPU clock.
@@ -264,21 +269,22 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     await connect(server.url, compression=None, max_size=None, open_timeout=30)
                     for _ in range(concurrency)
                 ]
+                chunks = args.chunks
                 try:
                     # Warm-up (not counted): first-call costs of LiteLLM and of the server.
-                    await direct_batch(litellm, fake.url, concurrency)
-                    await cortex_batch(clients, server)
+                    await direct_batch(litellm, fake.url, concurrency, chunks)
+                    await cortex_batch(clients, server, chunks)
                     direct: list[Batch] = []
                     windowed: list[Batch] = []
                     cortex: list[Batch] = []
                     for _ in range(args.repeat):
                         await asyncio.gather(*(drain(ws) for ws in clients))
-                        direct.append(await direct_batch(litellm, fake.url, concurrency))
+                        direct.append(await direct_batch(litellm, fake.url, concurrency, chunks))
                         if hook is not None:
                             windowed.append(
-                                await direct_batch(litellm, fake.url, concurrency, hook)
+                                await direct_batch(litellm, fake.url, concurrency, chunks, hook)
                             )
-                        cortex.append(await cortex_batch(clients, server))
+                        cortex.append(await cortex_batch(clients, server, chunks))
                 finally:
                     for ws in clients:
                         await ws.close()

@@ -136,3 +136,26 @@ async def test_long_stream_keeps_usage_with_bounded_chunks(
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == text
     (usage,) = [e for e in events if isinstance(e, UsageInfo)]
     assert (usage.prompt_tokens, usage.completion_tokens) == (11, 3000)
+
+
+def test_a_history_that_fits_is_sent_whole_without_counting_its_tokens(llm: LlmService) -> None:
+    history = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": "a few words here " * 20}
+        for i in range(81)
+    ]
+    # LiteLLM's trim hands back a copy even when nothing goes: the same list means nothing
+    # was counted.
+    assert llm.trim(history, "gpt-4o-mini") is history
+
+
+def test_a_history_past_the_window_loses_its_oldest_messages(llm: LlmService) -> None:
+    window = llm._litellm.model_cost["gpt-4o-mini"]["max_input_tokens"]
+    # Plain words are about one token each: about 1.2 windows of them, in 20 messages.
+    words = " ".join(f"w{i % 10}" for i in range(window // 16))
+    history = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"{i} {words}"}
+        for i in range(21)
+    ]
+    trimmed = llm.trim(history, "gpt-4o-mini")
+    assert 0 < len(trimmed) < len(history)
+    assert trimmed[-1]["content"] == history[-1]["content"]  # the newest message stays
