@@ -196,6 +196,22 @@ async def cortex_batch(clients: list[ClientConnection], server: Child, chunks: i
     return Batch(wall=wall, cpu=proc_cpu_seconds(server.pid) - cpu0, streams=list(streams))
 
 
+async def cortex_batch_fresh(concurrency: int, server: Child, chunks: int) -> Batch:
+    """A batch on connections opened for it: clients left open through a long direct batch
+    (C=200) would miss the server's keepalive pings while this process's loop is saturated."""
+    clients = [
+        await connect(server.url, compression=None, max_size=None, open_timeout=30)
+        for _ in range(concurrency)
+    ]
+    try:
+        await asyncio.sleep(0.5)  # the server's side of the connections settles, untimed
+        return await cortex_batch(clients, server, chunks)
+    finally:
+        await asyncio.gather(*(drain(ws) for ws in clients))
+        for ws in clients:
+            await ws.close()
+
+
 async def drain(ws: ClientConnection) -> None:
     """Read what is left of the previous reply (typing off) so the next timing starts clean."""
     with contextlib.suppress(TimeoutError):
@@ -265,29 +281,20 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             results: list[Summary] = []
             peaks: dict[int, int] = {}
             for concurrency in args.concurrency:
-                clients = [
-                    await connect(server.url, compression=None, max_size=None, open_timeout=30)
-                    for _ in range(concurrency)
-                ]
                 chunks = args.chunks
-                try:
-                    # Warm-up (not counted): first-call costs of LiteLLM and of the server.
-                    await direct_batch(litellm, fake.url, concurrency, chunks)
-                    await cortex_batch(clients, server, chunks)
-                    direct: list[Batch] = []
-                    windowed: list[Batch] = []
-                    cortex: list[Batch] = []
-                    for _ in range(args.repeat):
-                        await asyncio.gather(*(drain(ws) for ws in clients))
-                        direct.append(await direct_batch(litellm, fake.url, concurrency, chunks))
-                        if hook is not None:
-                            windowed.append(
-                                await direct_batch(litellm, fake.url, concurrency, chunks, hook)
-                            )
-                        cortex.append(await cortex_batch(clients, server, chunks))
-                finally:
-                    for ws in clients:
-                        await ws.close()
+                # Warm-up (not counted): first-call costs of LiteLLM and of the server.
+                await direct_batch(litellm, fake.url, concurrency, chunks)
+                await cortex_batch_fresh(concurrency, server, chunks)
+                direct: list[Batch] = []
+                windowed: list[Batch] = []
+                cortex: list[Batch] = []
+                for _ in range(args.repeat):
+                    direct.append(await direct_batch(litellm, fake.url, concurrency, chunks))
+                    if hook is not None:
+                        windowed.append(
+                            await direct_batch(litellm, fake.url, concurrency, chunks, hook)
+                        )
+                    cortex.append(await cortex_batch_fresh(concurrency, server, chunks))
                 results.append(summarize("litellm", concurrency, args.chunks, direct))
                 if windowed:
                     results.append(summarize("litellm+w", concurrency, args.chunks, windowed))
