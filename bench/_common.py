@@ -20,6 +20,7 @@ import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -307,15 +308,15 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU time of a process, its live descendants and its reaped children (cutime, cstime).
+class ProcStat(NamedTuple):
+    parent: int
+    cpu: float  # utime + stime, seconds
+    reaped: float  # cutime + cstime: children it has reaped
 
-    For a PostgreSQL postmaster: its backends come and go, and a backend's time moves to
-    the postmaster's cutime/cstime when it is reaped, so the sum only grows.
-    """
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    reaped = 0.0
+
+def process_table() -> dict[int, ProcStat]:
+    """Every process of the machine, from /proc/PID/stat."""
+    table: dict[int, ProcStat] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -324,11 +325,24 @@ def tree_cpu_seconds(root: int) -> float:
         except OSError:
             continue
         fields = text.rsplit(")", 1)[1].split()
-        pid = int(entry)
-        parents[pid] = int(fields[1])
-        times[pid] = (int(fields[11]) + int(fields[12])) / _CLK_TCK
-        if pid == root:
-            reaped = (int(fields[13]) + int(fields[14])) / _CLK_TCK
+        table[int(entry)] = ProcStat(
+            int(fields[1]),
+            (int(fields[11]) + int(fields[12])) / _CLK_TCK,
+            (int(fields[13]) + int(fields[14])) / _CLK_TCK,
+        )
+    return table
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time of a process, its live descendants and its reaped children (cutime, cstime).
+
+    For a PostgreSQL postmaster: its backends come and go, and a backend's time moves to
+    the postmaster's cutime/cstime when it is reaped, so the sum only grows.
+    """
+    table = process_table()
+    parents = {pid: stat.parent for pid, stat in table.items()}
+    times = {pid: stat.cpu for pid, stat in table.items()}
+    reaped = table[root].reaped if root in table else 0.0
     if root not in times:
         return math.nan
     total = reaped

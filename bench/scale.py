@@ -56,10 +56,12 @@ from urllib.parse import urlsplit
 from _common import (
     REPO,
     Child,
+    ProcStat,
     log_problems,
     machine,
     percentile,
     proc_status,
+    process_table,
     start_cortex,
     start_fake_provider,
 )
@@ -425,30 +427,15 @@ class ClientProcess:
 # ---------------------------------------------------------------------------- the bench
 
 
-def _process_table() -> dict[int, tuple[int, float]]:
-    """pid -> (parent pid, CPU seconds so far) of every process of the machine."""
-    table: dict[int, tuple[int, float]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = text.rsplit(")", 1)[1].split()
-        table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLK_TCK)
-    return table
-
-
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu(roots: Sequence[int], table: dict[int, tuple[int, float]]) -> float:
+def tree_cpu(roots: Sequence[int], table: dict[int, ProcStat]) -> float:
     """CPU seconds of these processes and all their descendants (nginx workers, PostgreSQL
     backends), as `table` has them."""
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _cpu) in table.items():
-        children.setdefault(ppid, []).append(pid)
+    for pid, stat in table.items():
+        children.setdefault(stat.parent, []).append(pid)
     seen: set[int] = set()
     todo = [p for p in roots if p in table]
     total = 0.0
@@ -457,7 +444,7 @@ def tree_cpu(roots: Sequence[int], table: dict[int, tuple[int, float]]) -> float
         if pid in seen:
             continue
         seen.add(pid)
-        total += table[pid][1]
+        total += table[pid].cpu
         todo.extend(children.get(pid, []))
     return total
 
@@ -654,7 +641,7 @@ async def run_round(
             "bench": [],
         }
         counts0 = await _server_counts(direct)
-        table0 = _process_table()
+        table0 = process_table()
         busy0, steal0, total0 = machine_cpu()
         t0 = time.monotonic()
         chat = await client.call(
@@ -665,7 +652,7 @@ async def run_round(
             timeout=ROUND_TIMEOUT,
         )
         span = time.monotonic() - t0
-        table1 = _process_table()
+        table1 = process_table()
         busy1, steal1, total1 = machine_cpu()
         counts1 = await _server_counts(direct)
         cpu = {
@@ -673,7 +660,7 @@ async def run_round(
             for name, pids in groups.items()
         }
         me = os.getpid()  # its own time only: every other group is a descendant of it
-        cpu["bench"] = (table1[me][1] - table0[me][1]) / span
+        cpu["bench"] = (table1[me].cpu - table0[me].cpu) / span
         ours = sum(cpu.values()) * span
         machine_span = total1 - total0
         other = max(0.0, (busy1 - busy0 - ours) / machine_span) if machine_span > 0 else 0.0

@@ -72,7 +72,7 @@ class Store:
     @timed
     async def ping(self) -> bool:
         try:
-            await self._run(lambda session: session.execute(text("SELECT 1")))
+            await self._run(lambda session: session.scalar(text("SELECT 1")))
         except StoreError:
             return False
         return True
