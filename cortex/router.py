@@ -213,7 +213,10 @@ class Router:
             request_id=frame.request_id,
             connection_id=connection_id,
         )
-        self.kick(conv.id)
+        # A new conversation's first turn is known without reading it back: its context is
+        # the message alone. One process alone answers it (with peers, the lease holder reads).
+        opening = self.store.opening_turn(conv, message) if frame.conversation_id is None else None
+        self.kick(conv.id, opening if self.leases is None else None)
 
     async def subscribe(
         self,
@@ -375,16 +378,22 @@ class Router:
 
     # ---- reply generation ---------------------------------------------------------------
 
-    def kick(self, conversation_id: str) -> None:
-        """Messages may wait in the conversation: make sure a worker looks."""
+    def kick(self, conversation_id: str, first: WaitingTurn | None = None) -> None:
+        """Messages may wait in the conversation: make sure a worker looks.
+
+        `first`: the turn a new worker answers first, read by the caller; a worker already
+        running reads its next turn itself.
+        """
         if self.closing:
             return
         self._dirty.add(conversation_id)
         if conversation_id not in self._workers:
-            task = asyncio.create_task(self._work(conversation_id), name=f"reply:{conversation_id}")
+            task = asyncio.create_task(
+                self._work(conversation_id, first), name=f"reply:{conversation_id}"
+            )
             self._workers[conversation_id] = task
 
-    async def _work(self, conversation_id: str) -> None:
+    async def _work(self, conversation_id: str, first: WaitingTurn | None = None) -> None:
         """Answer the waiting messages of one conversation, one after another, in seq order.
 
         The queue is the database (user messages above `answered_seq`), so any process may
@@ -392,7 +401,7 @@ class Router:
         """
         try:
             if self.leases is None:
-                await self._answer_waiting(conversation_id)
+                await self._answer_waiting(conversation_id, first=first)
                 return
             while not self.closing:
                 lease = await self.leases.acquire(conversation_id)
@@ -413,14 +422,17 @@ class Router:
             self._workers.pop(conversation_id, None)
             self._cancel_next.discard(conversation_id)
 
-    async def _answer_waiting(self, conversation_id: str, lease: Lease | None = None) -> None:
+    async def _answer_waiting(
+        self, conversation_id: str, lease: Lease | None = None, first: WaitingTurn | None = None
+    ) -> None:
         if lease is not None:
             # The previous holder died mid-reply: what it streamed is kept as `interrupted`.
             for row in await self.store.settle_streaming(conversation_id):
                 self.hub.publish(conversation_id, message_event(row))
         while not self.closing and (lease is None or not lease.lost):
             self._dirty.discard(conversation_id)
-            waiting = await self.store.waiting_turn(conversation_id)
+            waiting = first if first is not None else await self.store.waiting_turn(conversation_id)
+            first = None
             if waiting is None:
                 if conversation_id in self._dirty:
                     continue  # stored while we looked

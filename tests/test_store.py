@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 from conftest import make_settings
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from cortex.store import Store, make_engine, migrate
-from cortex.store.models import Conversation, utcnow
+from cortex.store.models import Conversation, Message, utcnow
 
 BOTH_BACKENDS = True
 
@@ -68,3 +69,51 @@ async def test_sqlite_transactions_leave_the_event_loop_thread(store: Store) -> 
         assert ran_in != loop_thread
     else:
         assert ran_in == loop_thread
+
+
+async def test_a_new_conversations_opening_turn_is_what_the_store_would_read(store: Store) -> None:
+    """The router answers a new conversation's first message without reading its turn back:
+    what it assumes must be exactly what `waiting_turn` reads."""
+    stored = await store.add_user_message(
+        owner="u",
+        conversation_id=None,
+        content="Hello there",
+        client_msg_id="m1",
+        system_prompt="be brief",
+        reply_options={"model": "openai/fake", "temperature": 0.5},
+    )
+    assert stored is not None
+    conv, message, created = stored
+    assert created
+    assumed = store.opening_turn(conv, message)
+    read = await store.waiting_turn(conv.id)
+    assert read is not None
+    assert read.message.id == assumed.message.id == message.id
+    assert read.message.reply_options == assumed.message.reply_options
+    assert read.context == assumed.context
+    for name in ("id", "owner", "system_prompt", "model", "temperature", "answered_seq"):
+        assert getattr(read.conversation, name) == getattr(assumed.conversation, name), name
+
+
+async def test_rows_handed_out_match_the_stored_rows(store: Store) -> None:
+    """Rows are inserted with prebuilt statements and handed out as built: they must read back
+    the same, with unset columns stored as SQL NULL."""
+    stored = await store.add_user_message(
+        owner="u", conversation_id=None, content="hi", client_msg_id=None
+    )
+    assert stored is not None
+    conv, _message, _created = stored
+    row = await store.add_message(
+        conversation_id=conv.id, role="assistant", content="", status="streaming", model="m"
+    )
+    assert row.seq == 2
+    page, _more = await store.messages(conv.id)
+    back = page[-1]
+    for name in ("id", "seq", "role", "content", "status", "model", "tool_calls", "reply_options"):
+        assert getattr(back, name) == getattr(row, name), name
+    sql_null = select(func.count()).where(
+        Message.id == row.id, Message.tool_calls.is_(None), Message.reply_options.is_(None)
+    )
+    assert await store._run(lambda session: session.scalar(sql_null)) == 1
+    await store.finish_message(row.id, content="done", status="complete", finish_reason="stop")
+    assert (await store.count_messages(conv.id)) == 2

@@ -8,9 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
-from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy import (
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
@@ -206,19 +217,23 @@ class Store:
                     return found[0], found[1], False
             target = conversation_id
             if target is None:
-                conv = Conversation(
-                    id=new_id(),
-                    owner=owner,
-                    title=_title(content),
-                    model=model,
-                    system_prompt=system_prompt,
-                    temperature=temperature,
-                    last_seq=0,
-                    answered_seq=0,
+                target = new_id()
+                now = utcnow()
+                session.execute(
+                    _INSERT_CONVERSATION,
+                    {
+                        "id": target,
+                        "owner": owner,
+                        "title": _title(content),
+                        "model": model,
+                        "system_prompt": system_prompt,
+                        "temperature": temperature,
+                        "created_at": now,
+                        "updated_at": now,
+                        "last_seq": 0,
+                        "answered_seq": 0,
+                    },
                 )
-                session.add(conv)
-                session.flush()
-                target = conv.id
             taken = _take_seq(session, target, owner=owner)
             if taken is None:
                 return None
@@ -318,6 +333,12 @@ class Store:
             return WaitingTurn(conv, message, _context(session, conversation_id, message.seq))
 
         return await self._run(read)
+
+    def opening_turn(self, conversation: Conversation, message: Message) -> WaitingTurn:
+        """The turn a new conversation's first message opens, as `waiting_turn` would read it:
+        what the model sees is that message alone, so it needs no read."""
+        context = [ContextMessage(message.role, message.content, None, None)]
+        return WaitingTurn(conversation, message, context)
 
     @timed
     async def mark_answered(self, conversation_id: str, seq: int) -> None:
@@ -431,17 +452,63 @@ class Store:
 # ---- queries used by several transactions ------------------------------------------------
 
 
+# The statements of a reply's way through the store, built once: building a SQLAlchemy
+# statement and its cache key costs more than running it on SQLite (a new conversation's
+# first message took 3.8 ms of a thread when each call built its own; see docs/performance.md).
+_conversations = cast(Table, Conversation.__table__)
+_messages = cast(Table, Message.__table__)
+_MESSAGE_DEFAULTS: dict[str, Any] = {column.key: None for column in _messages.columns} | {
+    "content": "",
+    "status": "complete",
+}
+_INSERT_CONVERSATION = insert(_conversations)
+_INSERT_MESSAGE = insert(_messages)
+_TAKE_SEQ = (
+    update(_conversations)
+    .where(_conversations.c.id == bindparam("target"))
+    .values(last_seq=_conversations.c.last_seq + 1, updated_at=bindparam("now"))
+    .returning(*_conversations.columns)
+)
+_TAKE_SEQ_OWNED = _TAKE_SEQ.where(_conversations.c.owner == bindparam("owner_"))
+_UPDATE_MESSAGE = update(_messages).where(_messages.c.id == bindparam("message_id"))
+_FIND_CLIENT_MSG = (
+    select(Conversation, Message)
+    .join(Message, Message.conversation_id == Conversation.id)
+    .where(Conversation.owner == bindparam("owner"), Message.client_msg_id == bindparam("cmid"))
+    .limit(1)
+)
+_FIND_CLIENT_MSG_IN = _FIND_CLIENT_MSG.where(Conversation.id == bindparam("target"))
+_CONTEXT = (
+    select(Message.role, Message.content, Message.tool_calls, Message.tool_call_id)
+    .where(
+        Message.conversation_id == bindparam("target"),
+        # A failed tool result still answers its call: the model needs to see it.
+        or_(Message.status.in_(_CONTEXT_STATUSES), Message.role == "tool"),
+        or_(Message.role != "user", Message.seq <= bindparam("upto")),
+    )
+    .order_by(Message.seq)
+)
+_NEXT_UNANSWERED = (
+    select(Conversation, Message)
+    .join(Conversation, Conversation.id == Message.conversation_id)
+    .where(
+        Message.conversation_id == bindparam("target"),
+        Message.role == "user",
+        Message.seq > Conversation.answered_seq,
+    )
+    .order_by(Message.seq)
+    .limit(1)
+)
+
+
 def _find_client_msg(
     session: Session, owner: str, conversation_id: str | None, client_msg_id: str
 ) -> tuple[Conversation, Message] | None:
-    query = (
-        select(Conversation, Message)
-        .join(Message, Message.conversation_id == Conversation.id)
-        .where(Conversation.owner == owner, Message.client_msg_id == client_msg_id)
-    )
-    if conversation_id is not None:
-        query = query.where(Conversation.id == conversation_id)
-    row = session.execute(query.limit(1)).first()
+    params = {"owner": owner, "cmid": client_msg_id}
+    if conversation_id is None:
+        row = session.execute(_FIND_CLIENT_MSG, params).first()
+    else:
+        row = session.execute(_FIND_CLIENT_MSG_IN, params | {"target": conversation_id}).first()
     return (row[0], row[1]) if row is not None else None
 
 
@@ -459,67 +526,43 @@ def _take_seq(
     `owner`'s). One statement: the write comes first, so it holds the row's lock."""
     # Taking the next seq with UPDATE ... RETURNING locks the conversation row, so seq stays
     # gap-free and unique under concurrent writers (SQLite and PostgreSQL alike).
-    query = update(Conversation).where(Conversation.id == conversation_id)
-    if owner is not None:
-        query = query.where(Conversation.owner == owner)
-    conv = session.scalars(
-        query.values(last_seq=Conversation.last_seq + 1, updated_at=utcnow())
-        .returning(Conversation)
-        .execution_options(populate_existing=True)
-    ).one_or_none()
-    return (conv, conv.last_seq) if conv is not None else None
+    params = {"target": conversation_id, "now": utcnow()}
+    if owner is None:
+        row = session.execute(_TAKE_SEQ, params).first()
+    else:
+        row = session.execute(_TAKE_SEQ_OWNED, params | {"owner_": owner}).first()
+    if row is None:
+        return None
+    conv = Conversation(**row._mapping)  # detached, as every row a Store call hands out
+    return conv, conv.last_seq
 
 
 def _add(session: Session, conversation_id: str, seq: int, **fields: Any) -> Message:
     now = utcnow()
-    message = Message(
-        id=new_id(),
-        conversation_id=conversation_id,
-        seq=seq,
-        created_at=now,
-        updated_at=now,
-        **fields,
+    values = _MESSAGE_DEFAULTS | fields
+    values.update(
+        id=new_id(), conversation_id=conversation_id, seq=seq, created_at=now, updated_at=now
     )
-    session.add(message)
-    session.flush()
-    return message
+    # Unset columns are left out, so they are SQL NULL (None would be JSON `null` in a JSON one).
+    session.execute(
+        _INSERT_MESSAGE, {key: value for key, value in values.items() if value is not None}
+    )
+    return Message(**values)
 
 
 def _update_message(session: Session, message_id: str, fields: dict[str, Any]) -> None:
-    session.execute(
-        update(Message).where(Message.id == message_id).values(updated_at=utcnow(), **fields)
-    )
+    session.execute(_UPDATE_MESSAGE, {"message_id": message_id, "updated_at": utcnow(), **fields})
 
 
 def _context(session: Session, conversation_id: str, upto_user_seq: int) -> list[ContextMessage]:
     # Plain rows, not ORM objects: this read is on every reply's way to the model, and a long
     # conversation's rows cost two to three times as much to load as ORM objects.
-    query = (
-        select(Message.role, Message.content, Message.tool_calls, Message.tool_call_id)
-        .where(
-            Message.conversation_id == conversation_id,
-            # A failed tool result still answers its call: the model needs to see it.
-            or_(Message.status.in_(_CONTEXT_STATUSES), Message.role == "tool"),
-            or_(Message.role != "user", Message.seq <= upto_user_seq),
-        )
-        .order_by(Message.seq)
-    )
-    return [ContextMessage(*row) for row in session.execute(query)]
+    rows = session.execute(_CONTEXT, {"target": conversation_id, "upto": upto_user_seq})
+    return [ContextMessage(*row) for row in rows]
 
 
 def _next_unanswered(session: Session, conversation_id: str) -> tuple[Conversation, Message] | None:
-    query = (
-        select(Conversation, Message)
-        .join(Conversation, Conversation.id == Message.conversation_id)
-        .where(
-            Message.conversation_id == conversation_id,
-            Message.role == "user",
-            Message.seq > Conversation.answered_seq,
-        )
-        .order_by(Message.seq)
-        .limit(1)
-    )
-    row = session.execute(query).first()
+    row = session.execute(_NEXT_UNANSWERED, {"target": conversation_id}).first()
     return (row[0], row[1]) if row is not None else None
 
 
