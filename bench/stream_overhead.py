@@ -17,7 +17,10 @@ Cortex runs in its own process, not in-process with `running()`: in-process, the
 frame parsing and the server's work would share one event loop and one core, so the figure
 would charge the client's CPU to Cortex (and a 2-core machine would leave one core idle). The
 fake provider is a process of its own in both modes, so it costs both modes the same.
-Both modes alternate within each repeat so that drift (thermal, other load) hits both alike.
+Both modes alternate within each repeat so that drift (thermal, other load) hits both alike,
+and every timed batch starts after the same SETTLE_S of quiet: a first chunk after half a
+second idle comes 3-4 ms later than one right after another stream (cold caches, an idle vCPU),
+so a batch that follows straight on from the one before would be timed warm, the other cold.
 Ratios are cortex/direct: throughput >= 1 would mean Cortex is as fast as LiteLLM alone.
 """
 
@@ -56,6 +59,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 SYSTEM_PROMPT = "You are a helpful assistant."  # Cortex's default, sent by both modes
 PROMPT = "Please write a long answer."
+SETTLE_S = 0.5  # quiet before every timed batch, both modes alike
 TIMEOUT = 120.0  # per batch, plus a second per 200 chunks in it (C=200 x 1,000 chunks: 1,120 s)
 
 
@@ -204,7 +208,7 @@ async def cortex_batch_fresh(concurrency: int, server: Child, chunks: int) -> Ba
         for _ in range(concurrency)
     ]
     try:
-        await asyncio.sleep(0.5)  # the server's side of the connections settles, untimed
+        await asyncio.sleep(SETTLE_S)  # the server's side of the connections settles, untimed
         return await cortex_batch(clients, server, chunks)
     finally:
         await asyncio.gather(*(drain(ws) for ws in clients))
@@ -289,8 +293,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 windowed: list[Batch] = []
                 cortex: list[Batch] = []
                 for _ in range(args.repeat):
+                    await asyncio.sleep(SETTLE_S)
                     direct.append(await direct_batch(litellm, fake.url, concurrency, chunks))
                     if hook is not None:
+                        await asyncio.sleep(SETTLE_S)
                         windowed.append(
                             await direct_batch(litellm, fake.url, concurrency, chunks, hook)
                         )
