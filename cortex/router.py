@@ -49,6 +49,11 @@ log = logging.getLogger("cortex.router")
 # (bench/stream_overhead.py at 50 streams: 10 ms gives 69 frames per 1,000-chunk reply and the
 # first deltas at 2.1 s, 50 ms gives 14 frames and 4.0 s). Fan-out frames are paced by the hub.
 STREAM_SLICE_S = 0.01
+# ...and with many replies at once, slices short enough that all of them together hold the loop
+# for at most this long: every reply gets a turn (and every socket a read) within about a second,
+# well inside a stall timeout (bench/soak.py, 200 clients, 2 s timeout: 10 ms slices for every
+# reply made 92 false stalls where there had been 5).
+STREAM_ROUND_S = 1.0
 
 TOOL_LIMIT_TEXT = "I stopped: the limit of {n} tool rounds for one reply was reached."
 
@@ -658,7 +663,8 @@ class Router:
                     # stream that yielded at every chunk would cost a frame per chunk (at 50
                     # streams, 958 frames of 1,000 chunks each, throughput 0.62 of LiteLLM's).
                     await asyncio.sleep(0)
-                    next_yield = time.monotonic() + STREAM_SLICE_S
+                    replies = len(self._active) or 1
+                    next_yield = time.monotonic() + min(STREAM_SLICE_S, STREAM_ROUND_S / replies)
             elif isinstance(event, ToolCalls):
                 result.calls = event.calls
             elif isinstance(event, UsageInfo):
