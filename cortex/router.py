@@ -52,7 +52,7 @@ STREAM_SLICE_S = 0.01
 # ...and with many replies at once, slices short enough that all of them together hold the loop
 # for at most this long: every reply gets a turn (and every socket a read) within about a second,
 # well inside a stall timeout (bench/soak.py, 200 clients, 2 s timeout: 10 ms slices for every
-# reply made 92 false stalls where there had been 5).
+# reply made 92 false stalls where there had been 7).
 STREAM_ROUND_S = 1.0
 
 TOOL_LIMIT_TEXT = "I stopped: the limit of {n} tool rounds for one reply was reached."

@@ -469,6 +469,7 @@ _TAKE_SEQ = (
     .values(last_seq=_conversations.c.last_seq + 1, updated_at=bindparam("now"))
     .returning(*_conversations.columns)
 )
+# (A bind parameter of an UPDATE may not share a column's name: that name is the SET value.)
 _TAKE_SEQ_OWNED = _TAKE_SEQ.where(_conversations.c.owner == bindparam("owner_"))
 _UPDATE_MESSAGE = update(_messages).where(_messages.c.id == bindparam("message_id"))
 _FIND_CLIENT_MSG = (
