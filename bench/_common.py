@@ -333,6 +333,25 @@ def process_table() -> dict[int, ProcStat]:
     return table
 
 
+def tree_cpu(roots: Sequence[int], table: dict[int, ProcStat]) -> float:
+    """CPU seconds of these processes and all their descendants (nginx workers, PostgreSQL
+    backends), as `table` has them."""
+    children: dict[int, list[int]] = {}
+    for pid, stat in table.items():
+        children.setdefault(stat.parent, []).append(pid)
+    seen: set[int] = set()
+    todo = [p for p in roots if p in table]
+    total = 0.0
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += table[pid].cpu
+        todo.extend(children.get(pid, []))
+    return total
+
+
 def tree_cpu_seconds(root: int) -> float:
     """CPU time of a process, its live descendants and its reaped children (cutime, cstime).
 
@@ -340,16 +359,6 @@ def tree_cpu_seconds(root: int) -> float:
     the postmaster's cutime/cstime when it is reaped, so the sum only grows.
     """
     table = process_table()
-    parents = {pid: stat.parent for pid, stat in table.items()}
-    times = {pid: stat.cpu for pid, stat in table.items()}
-    reaped = table[root].reaped if root in table else 0.0
-    if root not in times:
+    if root not in table:
         return math.nan
-    total = reaped
-    for pid, cpu in times.items():
-        ancestor = pid
-        while ancestor not in (root, 0, 1) and ancestor in parents:
-            ancestor = parents[ancestor]
-        if ancestor == root:
-            total += cpu
-    return total
+    return table[root].reaped + tree_cpu([root], table)

@@ -52,6 +52,7 @@ from _common import (
     proc_status,
     start_cortex,
     start_fake_provider,
+    tree_cpu_seconds,
 )
 from _swarm import Profiler, RawWs, open_ws, server_settings
 
@@ -152,16 +153,6 @@ async def start_proxy(workdir: Path, api_base: str, timeout: float = 180.0) -> C
             await asyncio.sleep(0.5)
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of a process and its descendants (uvicorn may fork workers)."""
-    total = proc_cpu_seconds(pid)
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                total += tree_cpu(int(child))
-    return total
-
-
 async def proxy_stream(session: aiohttp.ClientSession, url: str) -> Stream:
     body = {
         "model": "fake",
@@ -198,7 +189,7 @@ async def proxy_stream(session: aiohttp.ClientSession, url: str) -> Stream:
 
 
 async def proxy_batch(session: aiohttp.ClientSession, proxy: Child, concurrency: int) -> Batch:
-    cpu0 = tree_cpu(proxy.pid)
+    cpu0 = tree_cpu_seconds(proxy.pid)
     start = time.monotonic()
     async with asyncio.timeout(TIMEOUT):
         streams = await asyncio.gather(
@@ -206,7 +197,7 @@ async def proxy_batch(session: aiohttp.ClientSession, proxy: Child, concurrency:
         )
     wall = time.monotonic() - start
     await asyncio.sleep(0.05)  # the request's last bookkeeping, before reading the clock
-    return Batch(wall=wall, cpu=tree_cpu(proxy.pid) - cpu0, streams=list(streams))
+    return Batch(wall=wall, cpu=tree_cpu_seconds(proxy.pid) - cpu0, streams=list(streams))
 
 
 # -------------------------------------------------------------------------------- Cortex
@@ -297,7 +288,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             }
             foreign = ForeignLoad()
             pids = (fake.pid, server.pid, proxy.pid)
-            ours0 = time.process_time() + sum(tree_cpu(p) for p in pids)
+            ours0 = time.process_time() + sum(tree_cpu_seconds(p) for p in pids)
             results: list[Summary] = []
             profiles: list[str] = []
             connector = aiohttp.TCPConnector(limit=0)
@@ -333,7 +324,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                             await ws.close()
                     results.append(summarize("proxy", concurrency, args.chunks, via_proxy))
                     results.append(summarize("cortex", concurrency, args.chunks, via_cortex))
-            ours = time.process_time() + sum(tree_cpu(p) for p in pids)
+            ours = time.process_time() + sum(tree_cpu_seconds(p) for p in pids)
             other_cpu = foreign.fraction(ours - ours0)
             rss = {
                 "cortex": proc_status(server.pid).get("VmHWM", 0),

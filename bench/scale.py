@@ -56,7 +56,6 @@ from urllib.parse import urlsplit
 from _common import (
     REPO,
     Child,
-    ProcStat,
     log_problems,
     machine,
     percentile,
@@ -64,6 +63,7 @@ from _common import (
     process_table,
     start_cortex,
     start_fake_provider,
+    tree_cpu,
 )
 
 PROMPT = "Please write a long answer."
@@ -428,25 +428,6 @@ class ClientProcess:
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu(roots: Sequence[int], table: dict[int, ProcStat]) -> float:
-    """CPU seconds of these processes and all their descendants (nginx workers, PostgreSQL
-    backends), as `table` has them."""
-    children: dict[int, list[int]] = {}
-    for pid, stat in table.items():
-        children.setdefault(stat.parent, []).append(pid)
-    seen: set[int] = set()
-    todo = [p for p in roots if p in table]
-    total = 0.0
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        total += table[pid].cpu
-        todo.extend(children.get(pid, []))
-    return total
 
 
 def machine_cpu() -> tuple[float, float, float]:

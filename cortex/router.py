@@ -220,8 +220,10 @@ class Router:
         )
         # A new conversation's first turn is known without reading it back: its context is
         # the message alone. One process alone answers it (with peers, the lease holder reads).
-        opening = self.store.opening_turn(conv, message) if frame.conversation_id is None else None
-        self.kick(conv.id, opening if self.leases is None else None)
+        first = None
+        if frame.conversation_id is None and self.leases is None:
+            first = self.store.opening_turn(conv, message)
+        self.kick(conv.id, first)
 
     async def subscribe(
         self,
