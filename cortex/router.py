@@ -33,12 +33,13 @@ from .protocol import (
     Typing,
     delta_frame,
 )
+from .store.repo import opened_reply_fields
 from .telemetry import ReplyTrace, Telemetry
 from .views import conversation_view, message_event, message_view, openai_messages
 
 if TYPE_CHECKING:
     from .leases import Lease, RedisLeases
-    from .store.models import Message
+    from .store.models import Conversation, Message
     from .store.repo import ContextMessage, Store, WaitingTurn
     from .tools import ToolRegistry, ToolResult
 
@@ -111,6 +112,27 @@ class _TurnResult:
     finish: str | None = None
 
 
+@dataclass(slots=True)
+class _Turn:
+    """A model turn under way: its stream reads the model while its row is stored."""
+
+    result: _TurnResult
+    # Set once the row is stored and announced: the stream's first words wait for it.
+    row_ready: asyncio.Future[ActiveReply]
+    stream: asyncio.Future[None] | None
+    opened: Message | None = None  # the row, if it was stored with the user message
+
+
+@dataclass(slots=True)
+class _Opening:
+    """A new conversation's first reply, started by `send` before any frame is written."""
+
+    waiting: WaitingTurn
+    pending: PendingReply
+    plan: _Plan
+    turn: _Turn
+
+
 class Router:
     def __init__(
         self,
@@ -175,6 +197,9 @@ class Router:
             lock = self._lock(f"new:{owner}:{frame.client_msg_id}")
         else:
             lock = _NO_LOCK
+        # A new conversation's first reply has no turn to wait for: its row is stored with the
+        # message. One process alone does this (with peers, the lease holder opens the row).
+        opening = frame.conversation_id is None and self.leases is None
         async with lock:
             stored = await self.store.add_user_message(
                 owner=owner,
@@ -191,10 +216,15 @@ class Router:
                     request_id=frame.request_id,
                     connection_id=connection_id,
                 ),
+                open_reply=(model or self.llm.default_model()) if opening else None,
             )
             if stored is None:
                 raise NotFound("no such conversation")
-            conv, message, created = stored
+            conv, message, created = stored.conversation, stored.message, stored.created
+            opened = stored.reply is not None and not self.closing
+            if opened:
+                # The model is called first; the frames below go out while it thinks.
+                self.kick(conv.id, self._open(self.store.opening_turn(stored)))
             self.hub.subscribe(conv.id, client)
             client.deliver(
                 Ack(
@@ -218,12 +248,8 @@ class Router:
             request_id=frame.request_id,
             connection_id=connection_id,
         )
-        # A new conversation's first turn is known without reading it back: its context is
-        # the message alone. One process alone answers it (with peers, the lease holder reads).
-        first = None
-        if frame.conversation_id is None and self.leases is None:
-            first = self.store.opening_turn(conv, message)
-        self.kick(conv.id, first)
+        if not opened:
+            self.kick(conv.id)
 
     async def subscribe(
         self,
@@ -385,11 +411,10 @@ class Router:
 
     # ---- reply generation ---------------------------------------------------------------
 
-    def kick(self, conversation_id: str, first: WaitingTurn | None = None) -> None:
+    def kick(self, conversation_id: str, first: _Opening | None = None) -> None:
         """Messages may wait in the conversation: make sure a worker looks.
 
-        `first`: the turn a new worker answers first, read by the caller; a worker already
-        running reads its next turn itself.
+        `first`: a new conversation's first reply, already started; its worker goes on with it.
         """
         if self.closing:
             return
@@ -400,7 +425,7 @@ class Router:
             )
             self._workers[conversation_id] = task
 
-    async def _work(self, conversation_id: str, first: WaitingTurn | None = None) -> None:
+    async def _work(self, conversation_id: str, first: _Opening | None = None) -> None:
         """Answer the waiting messages of one conversation, one after another, in seq order.
 
         The queue is the database (user messages above `answered_seq`), so any process may
@@ -430,27 +455,31 @@ class Router:
             self._cancel_next.discard(conversation_id)
 
     async def _answer_waiting(
-        self, conversation_id: str, lease: Lease | None = None, first: WaitingTurn | None = None
+        self, conversation_id: str, lease: Lease | None = None, first: _Opening | None = None
     ) -> None:
         if lease is not None:
             # The previous holder died mid-reply: what it streamed is kept as `interrupted`.
             for row in await self.store.settle_streaming(conversation_id):
                 self.hub.publish(conversation_id, message_event(row))
-        while not self.closing and (lease is None or not lease.lost):
+        # A reply already started is seen through, even if the server began closing since.
+        while first is not None or (not self.closing and (lease is None or not lease.lost)):
             self._dirty.discard(conversation_id)
-            waiting = first if first is not None else await self.store.waiting_turn(conversation_id)
-            first = None
-            if waiting is None:
-                if conversation_id in self._dirty:
-                    continue  # stored while we looked
-                return
+            opening, first = first, None
+            if opening is not None:
+                waiting, pending = opening.waiting, opening.pending
+            else:
+                read = await self.store.waiting_turn(conversation_id)
+                if read is None:
+                    if conversation_id in self._dirty:
+                        continue  # stored while we looked
+                    return
+                waiting, pending = read, self._pending_reply(conversation_id, read.message)
             message = waiting.message
-            pending = self._pending_reply(conversation_id, message)
             self._current[conversation_id] = pending
             if lease is not None:
                 lease.on_lost = lambda p=pending: _interrupt(p)
             try:
-                await self._reply(waiting, pending)
+                await self._reply(waiting, pending, opening)
             except Exception:
                 log.exception("reply failed in conversation %s", conversation_id)
             finally:
@@ -483,33 +512,51 @@ class Router:
             if conversation_id not in self._workers:
                 self.kick(conversation_id)
 
-    async def _reply(self, waiting: WaitingTurn, pending: PendingReply) -> None:
-        conv = waiting.conversation
-        conversation_id = conv.id
+    def _open(self, waiting: WaitingTurn) -> _Opening:
+        """Start a new conversation's first reply, its row stored with the message.
+
+        Its model call goes out before the ack, the message and typing are written (they go
+        out while the provider thinks): that is on the way to the first words.
+        """
+        conversation_id = waiting.conversation.id
+        pending = self._pending_reply(conversation_id, waiting.message)
+        plan = self._plan(waiting.conversation, pending)
+        turn = self._start_turn(conversation_id, pending, plan, waiting.context, waiting.reply)
+        return _Opening(waiting, pending, plan, turn)
+
+    def _plan(self, conv: Conversation, pending: PendingReply) -> _Plan:
         model = pending.model or conv.model or self.llm.default_model()
         temperature = pending.temperature
-        plan = _Plan(
+        return _Plan(
             model=model,
             system_prompt=conv.system_prompt or self.settings.system_prompt,
             temperature=temperature if temperature is not None else conv.temperature,
             specs=self._tool_specs(pending.tools),
             trace=self.telemetry.reply(
-                conversation_id=conversation_id,
+                conversation_id=conv.id,
                 model=model,
                 user_seq=pending.seq,
                 request_id=pending.request_id,
                 connection_id=pending.connection_id,
             ),
         )
+
+    async def _reply(
+        self, waiting: WaitingTurn, pending: PendingReply, opening: _Opening | None = None
+    ) -> None:
+        conversation_id = waiting.conversation.id
+        plan = opening.plan if opening is not None else self._plan(waiting.conversation, pending)
+        model = plan.model
         self.hub.publish(
             conversation_id, Typing(conversation_id=conversation_id, active=True).encode()
         )
         try:
             rounds = 0
             context: list[ContextMessage] | None = waiting.context
+            turn = opening.turn if opening is not None else None
             while True:
-                result = await self._turn(conversation_id, pending, plan, context)
-                context = None  # read again after each tool round
+                result = await self._turn(conversation_id, pending, plan, context, turn)
+                context, turn = None, None  # read again after each tool round
                 if not result.calls or pending.cancel_requested or pending.interrupted:
                     return
                 rounds += 1
@@ -537,44 +584,39 @@ class Router:
         pending: PendingReply,
         plan: _Plan,
         context: list[ContextMessage] | None,
+        turn: _Turn | None = None,
     ) -> _TurnResult:
         """One model turn into one assistant row: streamed, checkpointed, then finalised.
 
         The model is called as soon as the context is read. Its first words wait for the row
-        they stream into, which is stored meanwhile: a database round trip less before them.
+        they stream into, which is stored meanwhile (a database round trip less before them),
+        unless the `turn` was started with its row already stored.
         """
-        if context is None:
-            context = await self.store.context(conversation_id, upto_user_seq=pending.seq)
-        result = _TurnResult()
-        row_ready: asyncio.Future[ActiveReply] = asyncio.get_running_loop().create_future()
-        stream: asyncio.Future[None] | None = None
-        if not (pending.cancel_requested or pending.interrupted):
-            messages = self.llm_trim(openai_messages(context), plan.model)
-            stream = asyncio.ensure_future(
-                self._stream(conversation_id, row_ready, result, messages, plan)
-            )
-            pending.interruptible = stream
-        try:
-            async with self._lock(conversation_id):
-                row = await self.store.add_message(
-                    conversation_id=conversation_id,
-                    role="assistant",
-                    content="",
-                    status="streaming",
-                    model=plan.model,
-                )
-                self.hub.publish(conversation_id, message_event(row))
-        except BaseException:
-            if stream is not None:
-                pending.interruptible = None
-                stream.cancel()
-                await asyncio.gather(stream, return_exceptions=True)
-            raise
+        if turn is None:
+            if context is None:
+                context = await self.store.context(conversation_id, upto_user_seq=pending.seq)
+            turn = self._start_turn(conversation_id, pending, plan, context, None)
+        result, stream, row = turn.result, turn.stream, turn.opened
+        if row is None:
+            try:
+                async with self._lock(conversation_id):
+                    row = await self.store.add_message(
+                        conversation_id=conversation_id, **opened_reply_fields(plan.model)
+                    )
+                    self.hub.publish(conversation_id, message_event(row))
+            except BaseException:
+                if stream is not None:
+                    pending.interruptible = None
+                    stream.cancel()
+                    await asyncio.gather(stream, return_exceptions=True)
+                raise
+        else:
+            self.hub.publish(conversation_id, message_event(row))
         active = ActiveReply(message_id=row.id, seq=row.seq)
         self._active[conversation_id] = active
         result.message_id = row.id
-        if not row_ready.done():  # a cancelled stream takes its wait for the row with it
-            row_ready.set_result(active)
+        if not turn.row_ready.done():  # a cancelled stream takes its wait for the row with it
+            turn.row_ready.set_result(active)
         status, error = "complete", None
         try:
             if stream is None:
@@ -613,6 +655,26 @@ class Router:
             )
             await self._finish_row(conversation_id, row.id, active, result, status, error)
         return result
+
+    def _start_turn(
+        self,
+        conversation_id: str,
+        pending: PendingReply,
+        plan: _Plan,
+        context: list[ContextMessage],
+        opened: Message | None,
+    ) -> _Turn:
+        """Call the model (unless the reply was stopped first); `_turn` sees the turn through."""
+        result = _TurnResult()
+        row_ready: asyncio.Future[ActiveReply] = asyncio.get_running_loop().create_future()
+        stream: asyncio.Future[None] | None = None
+        if not (pending.cancel_requested or pending.interrupted):
+            messages = self.llm_trim(openai_messages(context), plan.model)
+            stream = asyncio.ensure_future(
+                self._stream(conversation_id, row_ready, result, messages, plan)
+            )
+            pending.interruptible = stream
+        return _Turn(result, row_ready, stream, opened)
 
     def llm_trim(self, messages: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
         trim = getattr(self.llm, "trim", None)

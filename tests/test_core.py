@@ -43,6 +43,46 @@ async def test_reply_streams_to_sender_and_is_stored(
     ]
 
 
+def _shape(events: list[dict[str, Any]]) -> list[str]:
+    """The events as the protocol orders them, a run of deltas as one `delta`."""
+    shape: list[str] = []
+    for e in events:
+        kind = e["type"]
+        if kind == "message":
+            kind = f"{e['message']['role']} {e['message']['status']}"
+        elif kind == "typing":
+            kind = f"typing {'on' if e['active'] else 'off'}"
+        if not (kind == "delta" and shape and shape[-1] == "delta"):
+            shape.append(kind)
+    return shape
+
+
+NEW_CONVERSATION_SHAPE = [
+    "ack",
+    "user complete",
+    "typing on",
+    "assistant streaming",
+    "delta",
+    "assistant complete",
+    "typing off",
+]
+
+
+async def test_a_new_conversations_events_come_in_order(
+    client: Client, provider: FakeOpenAI
+) -> None:
+    """A new conversation's reply is started before its first frames are written: they must
+    still come ack first and deltas only after the row they stream into."""
+    provider.enqueue(Reply(text="one two three four", chunks=4))
+    await client.send(type="send", content="hello", client_msg_id="c1")
+    assert _shape(await client.until_reply()) == NEW_CONVERSATION_SHAPE
+    # A follow-up message takes the other way (its turn is read back): the same order.
+    conversation_id = client.seen[0]["conversation_id"]
+    provider.enqueue(Reply(text="five six", chunks=2))
+    await client.send(type="send", content="more", conversation_id=conversation_id)
+    assert _shape(await client.until_reply()) == NEW_CONVERSATION_SHAPE
+
+
 async def test_two_clients_see_the_same_reply(connect_client: Any, provider: FakeOpenAI) -> None:
     provider.enqueue(Reply(text="first"), Reply(text="one two three four five six", chunks=6))
     alice: Client = await connect_client()
@@ -214,6 +254,8 @@ async def test_mock_model_needs_no_network(tmp_path: Path) -> None:
         final = final_message(events)
         assert final["status"] == "complete" and 'You said: "hello mock"' in final["content"]
         assert deltas_text(events) == final["content"]
+        # The mock model answers without any I/O: the frames still come in protocol order.
+        assert _shape(events) == NEW_CONVERSATION_SHAPE
 
 
 async def test_history_survives_a_restart(tmp_path: Path, provider: FakeOpenAI) -> None:

@@ -83,9 +83,9 @@ async def test_a_new_conversations_opening_turn_is_what_the_store_would_read(sto
         reply_options={"model": "openai/fake", "temperature": 0.5},
     )
     assert stored is not None
-    conv, message, created = stored
+    conv, message, created = stored.conversation, stored.message, stored.created
     assert created
-    assumed = store.opening_turn(conv, message)
+    assumed = store.opening_turn(stored)
     read = await store.waiting_turn(conv.id)
     assert read is not None
     assert read.message.id == assumed.message.id == message.id
@@ -95,6 +95,33 @@ async def test_a_new_conversations_opening_turn_is_what_the_store_would_read(sto
         assert getattr(read.conversation, name) == getattr(assumed.conversation, name), name
 
 
+async def test_a_new_conversations_reply_row_is_stored_with_its_message(store: Store) -> None:
+    """`open_reply` stores the reply's row in the message's transaction, at the next seq, and
+    the conversation's counter agrees with both rows (the next message takes seq 3)."""
+    stored = await store.add_user_message(
+        owner="u", conversation_id=None, content="hi", client_msg_id="m1", open_reply="openai/x"
+    )
+    assert stored is not None and stored.created and stored.reply is not None
+    assert (stored.message.seq, stored.reply.seq) == (1, 2)
+    assert stored.conversation.last_seq == 2
+    page, _more = await store.messages(stored.conversation.id)
+    assert [(m.id, m.role, m.status, m.model) for m in page] == [
+        (stored.message.id, "user", "complete", None),
+        (stored.reply.id, "assistant", "streaming", "openai/x"),
+    ]
+    assert store.opening_turn(stored).reply is stored.reply
+    # A retry of the same send opens nothing more.
+    again = await store.add_user_message(
+        owner="u", conversation_id=None, content="hi", client_msg_id="m1", open_reply="openai/x"
+    )
+    assert again is not None and not again.created and again.reply is None
+    later = await store.add_user_message(
+        owner="u", conversation_id=stored.conversation.id, content="next", client_msg_id=None
+    )
+    assert later is not None and later.message.seq == 3
+    assert await store.count_messages(stored.conversation.id) == 3
+
+
 async def test_rows_handed_out_match_the_stored_rows(store: Store) -> None:
     """Rows are inserted with prebuilt statements and handed out as built: they must read back
     the same, with unset columns stored as SQL NULL."""
@@ -102,7 +129,7 @@ async def test_rows_handed_out_match_the_stored_rows(store: Store) -> None:
         owner="u", conversation_id=None, content="hi", client_msg_id=None
     )
     assert stored is not None
-    conv, _message, _created = stored
+    conv = stored.conversation
     row = await store.add_message(
         conversation_id=conv.id, role="assistant", content="", status="streaming", model="m"
     )

@@ -55,6 +55,16 @@ class WaitingTurn(NamedTuple):
     conversation: Conversation
     message: Message
     context: list[ContextMessage]
+    reply: Message | None = None  # its row, if stored with the message (`open_reply`)
+
+
+class StoredMessage(NamedTuple):
+    """A user message as `add_user_message` stored it (or found it stored, created=False)."""
+
+    conversation: Conversation
+    message: Message
+    created: bool
+    reply: Message | None = None  # the reply's row, when it was opened with the message
 
 
 class StoreError(Internal):
@@ -203,41 +213,38 @@ class Store:
         system_prompt: str | None = None,
         temperature: float | None = None,
         reply_options: dict[str, Any] | None = None,
-    ) -> tuple[Conversation, Message, bool] | None:
+        open_reply: str | None = None,
+    ) -> StoredMessage | None:
         """Store a user message, creating the conversation when `conversation_id` is None.
 
-        Returns (conversation, message, created). A repeated `client_msg_id` returns the
-        stored message with created=False (an idempotent retry). None: no such conversation.
+        A repeated `client_msg_id` returns the stored message with created=False (an
+        idempotent retry). None: no such conversation. `open_reply` (a model name, for a new
+        conversation only): also store the reply's row, `streaming`, in the same transaction,
+        so that the model can be called without another database write before its first words.
         """
 
-        def store(session: Session) -> tuple[Conversation, Message, bool] | None:
+        def store(session: Session) -> StoredMessage | None:
             if client_msg_id is not None:
                 found = _find_client_msg(session, owner, conversation_id, client_msg_id)
                 if found is not None:
-                    return found[0], found[1], False
-            target = conversation_id
-            if target is None:
-                target = new_id()
-                now = utcnow()
-                session.execute(
-                    _INSERT_CONVERSATION,
-                    {
-                        "id": target,
-                        "owner": owner,
-                        "title": _title(content),
-                        "model": model,
-                        "system_prompt": system_prompt,
-                        "temperature": temperature,
-                        "created_at": now,
-                        "updated_at": now,
-                        "last_seq": 0,
-                        "answered_seq": 0,
-                    },
+                    return StoredMessage(found[0], found[1], False)
+            if conversation_id is None:
+                # A new conversation takes its seqs as it is inserted: no UPDATE needed.
+                conv = _new_conversation(
+                    session,
+                    owner=owner,
+                    title=_title(content),
+                    model=model,
+                    system_prompt=system_prompt,
+                    temperature=temperature,
+                    last_seq=1 if open_reply is None else 2,
                 )
-            taken = _take_seq(session, target, owner=owner)
-            if taken is None:
-                return None
-            conv, seq = taken
+                seq = 1
+            else:
+                taken = _take_seq(session, conversation_id, owner=owner)
+                if taken is None:
+                    return None
+                conv, seq = taken
             message = _add(
                 session,
                 conv.id,
@@ -248,7 +255,10 @@ class Store:
                 client_msg_id=client_msg_id,
                 reply_options=reply_options or None,
             )
-            return conv, message, True
+            reply = None
+            if open_reply is not None and conversation_id is None:
+                reply = _add(session, conv.id, seq + 1, **opened_reply_fields(open_reply))
+            return StoredMessage(conv, message, True, reply)
 
         for _attempt in range(3):
             try:
@@ -334,11 +344,12 @@ class Store:
 
         return await self._run(read)
 
-    def opening_turn(self, conversation: Conversation, message: Message) -> WaitingTurn:
+    def opening_turn(self, stored: StoredMessage) -> WaitingTurn:
         """The turn a new conversation's first message opens, as `waiting_turn` would read it:
         what the model sees is that message alone, so it needs no read."""
+        message = stored.message
         context = [ContextMessage(message.role, message.content, None, None)]
-        return WaitingTurn(conversation, message, context)
+        return WaitingTurn(stored.conversation, message, context, stored.reply)
 
     @timed
     async def mark_answered(self, conversation_id: str, seq: int) -> None:
@@ -502,6 +513,18 @@ _NEXT_UNANSWERED = (
 )
 
 
+def _new_conversation(session: Session, **fields: Any) -> Conversation:
+    now = utcnow()
+    values = fields | {"id": new_id(), "created_at": now, "updated_at": now, "answered_seq": 0}
+    session.execute(_INSERT_CONVERSATION, values)
+    return Conversation(**values)
+
+
+def opened_reply_fields(model: str) -> dict[str, Any]:
+    """An assistant row as a reply opens it: empty, streaming, for `model`."""
+    return {"role": "assistant", "content": "", "status": "streaming", "model": model}
+
+
 def _find_client_msg(
     session: Session, owner: str, conversation_id: str | None, client_msg_id: str
 ) -> tuple[Conversation, Message] | None:
@@ -576,5 +599,6 @@ __all__: Sequence[str] = (
     "ContextMessage",
     "Store",
     "StoreError",
+    "StoredMessage",
     "WaitingTurn",
 )
