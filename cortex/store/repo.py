@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any, NamedTuple, TypeVar, cast
 
 from sqlalchemy import (
+    Connection,
     Table,
     and_,
     bindparam,
@@ -483,13 +484,17 @@ _TAKE_SEQ = (
 # (A bind parameter of an UPDATE may not share a column's name: that name is the SET value.)
 _TAKE_SEQ_OWNED = _TAKE_SEQ.where(_conversations.c.owner == bindparam("owner_"))
 _UPDATE_MESSAGE = update(_messages).where(_messages.c.id == bindparam("message_id"))
+# Ids only: a send is almost never a retry, and a miss should cost no ORM loading.
 _FIND_CLIENT_MSG = (
-    select(Conversation, Message)
-    .join(Message, Message.conversation_id == Conversation.id)
-    .where(Conversation.owner == bindparam("owner"), Message.client_msg_id == bindparam("cmid"))
+    select(_messages.c.conversation_id, _messages.c.id)
+    .join(_conversations, _messages.c.conversation_id == _conversations.c.id)
+    .where(
+        _conversations.c.owner == bindparam("owner"),
+        _messages.c.client_msg_id == bindparam("cmid"),
+    )
     .limit(1)
 )
-_FIND_CLIENT_MSG_IN = _FIND_CLIENT_MSG.where(Conversation.id == bindparam("target"))
+_FIND_CLIENT_MSG_IN = _FIND_CLIENT_MSG.where(_conversations.c.id == bindparam("target"))
 _CONTEXT = (
     select(Message.role, Message.content, Message.tool_calls, Message.tool_call_id)
     .where(
@@ -513,10 +518,16 @@ _NEXT_UNANSWERED = (
 )
 
 
+def _core(session: Session) -> Connection:
+    """The session's connection: Core statements run on it skip the ORM's execution layer
+    (half a millisecond of a new conversation's first message; see docs/performance.md)."""
+    return session.connection()
+
+
 def _new_conversation(session: Session, **fields: Any) -> Conversation:
     now = utcnow()
     values = fields | {"id": new_id(), "created_at": now, "updated_at": now, "answered_seq": 0}
-    session.execute(_INSERT_CONVERSATION, values)
+    _core(session).execute(_INSERT_CONVERSATION, values)
     return Conversation(**values)
 
 
@@ -529,11 +540,15 @@ def _find_client_msg(
     session: Session, owner: str, conversation_id: str | None, client_msg_id: str
 ) -> tuple[Conversation, Message] | None:
     params = {"owner": owner, "cmid": client_msg_id}
-    if conversation_id is None:
-        row = session.execute(_FIND_CLIENT_MSG, params).first()
-    else:
-        row = session.execute(_FIND_CLIENT_MSG_IN, params | {"target": conversation_id}).first()
-    return (row[0], row[1]) if row is not None else None
+    if conversation_id is not None:
+        params["target"] = conversation_id
+    query = _FIND_CLIENT_MSG if conversation_id is None else _FIND_CLIENT_MSG_IN
+    found = _core(session).execute(query, params).first()
+    if found is None:
+        return None
+    conv, message = session.get(Conversation, found[0]), session.get(Message, found[1])
+    assert conv is not None and message is not None  # read in this transaction
+    return conv, message
 
 
 def _insert(session: Session, conversation_id: str, role: str, fields: dict[str, Any]) -> Message:
@@ -552,9 +567,9 @@ def _take_seq(
     # gap-free and unique under concurrent writers (SQLite and PostgreSQL alike).
     params = {"target": conversation_id, "now": utcnow()}
     if owner is None:
-        row = session.execute(_TAKE_SEQ, params).first()
+        row = _core(session).execute(_TAKE_SEQ, params).first()
     else:
-        row = session.execute(_TAKE_SEQ_OWNED, params | {"owner_": owner}).first()
+        row = _core(session).execute(_TAKE_SEQ_OWNED, params | {"owner_": owner}).first()
     if row is None:
         return None
     conv = Conversation(**row._mapping)  # detached, as every row a Store call hands out
@@ -568,20 +583,22 @@ def _add(session: Session, conversation_id: str, seq: int, **fields: Any) -> Mes
         id=new_id(), conversation_id=conversation_id, seq=seq, created_at=now, updated_at=now
     )
     # Unset columns are left out, so they are SQL NULL (None would be JSON `null` in a JSON one).
-    session.execute(
+    _core(session).execute(
         _INSERT_MESSAGE, {key: value for key, value in values.items() if value is not None}
     )
     return Message(**values)
 
 
 def _update_message(session: Session, message_id: str, fields: dict[str, Any]) -> None:
-    session.execute(_UPDATE_MESSAGE, {"message_id": message_id, "updated_at": utcnow(), **fields})
+    _core(session).execute(
+        _UPDATE_MESSAGE, {"message_id": message_id, "updated_at": utcnow(), **fields}
+    )
 
 
 def _context(session: Session, conversation_id: str, upto_user_seq: int) -> list[ContextMessage]:
     # Plain rows, not ORM objects: this read is on every reply's way to the model, and a long
     # conversation's rows cost two to three times as much to load as ORM objects.
-    rows = session.execute(_CONTEXT, {"target": conversation_id, "upto": upto_user_seq})
+    rows = _core(session).execute(_CONTEXT, {"target": conversation_id, "upto": upto_user_seq})
     return [ContextMessage(*row) for row in rows]
 
 
