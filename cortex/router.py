@@ -125,7 +125,7 @@ class _Turn:
 
 @dataclass(slots=True)
 class _Opening:
-    """A new conversation's first reply, started by `send` before any frame is written."""
+    """A reply started by `send` before any frame is written (its row stored with the message)."""
 
     waiting: WaitingTurn
     pending: PendingReply
@@ -197,10 +197,13 @@ class Router:
             lock = self._lock(f"new:{owner}:{frame.client_msg_id}")
         else:
             lock = _NO_LOCK
-        # A new conversation's first reply has no turn to wait for: its row is stored with the
-        # message. One process alone does this (with peers, the lease holder opens the row).
-        opening = frame.conversation_id is None and self.leases is None
         async with lock:
+            # A message whose reply can start at once (nothing older waits, no worker here) is
+            # stored with its reply's row. One process alone does this (with peers, the lease
+            # holder opens the row).
+            opening = self.leases is None and (
+                frame.conversation_id is None or frame.conversation_id not in self._workers
+            )
             stored = await self.store.add_user_message(
                 owner=owner,
                 conversation_id=frame.conversation_id,
@@ -216,12 +219,14 @@ class Router:
                     request_id=frame.request_id,
                     connection_id=connection_id,
                 ),
-                open_reply=(model or self.llm.default_model()) if opening else None,
+                open_reply=self.llm.default_model() if opening else None,
             )
             if stored is None:
                 raise NotFound("no such conversation")
             conv, message, created = stored.conversation, stored.message, stored.created
-            opened = stored.reply is not None and not self.closing
+            # The periodic sweep may see the stored message first and start its worker: that
+            # worker reads the row back and answers into it.
+            opened = stored.reply is not None and not self.closing and conv.id not in self._workers
             if opened:
                 # The model is called first; the frames below go out while it thinks.
                 self.kick(conv.id, self._open(self.store.opening_turn(stored)))
@@ -414,7 +419,7 @@ class Router:
     def kick(self, conversation_id: str, first: _Opening | None = None) -> None:
         """Messages may wait in the conversation: make sure a worker looks.
 
-        `first`: a new conversation's first reply, already started; its worker goes on with it.
+        `first`: a reply `send` already started; the new worker goes on with it.
         """
         if self.closing:
             return
@@ -513,7 +518,7 @@ class Router:
                 self.kick(conversation_id)
 
     def _open(self, waiting: WaitingTurn) -> _Opening:
-        """Start a new conversation's first reply, its row stored with the message.
+        """Start a reply whose row was stored with its message.
 
         Its model call goes out before the ack, the message and typing are written (they go
         out while the provider thinks): that is on the way to the first words.
@@ -554,9 +559,10 @@ class Router:
             rounds = 0
             context: list[ContextMessage] | None = waiting.context
             turn = opening.turn if opening is not None else None
+            opened = waiting.reply
             while True:
-                result = await self._turn(conversation_id, pending, plan, context, turn)
-                context, turn = None, None  # read again after each tool round
+                result = await self._turn(conversation_id, pending, plan, context, turn, opened)
+                context, turn, opened = None, None, None  # read again after each tool round
                 if not result.calls or pending.cancel_requested or pending.interrupted:
                     return
                 rounds += 1
@@ -585,6 +591,7 @@ class Router:
         plan: _Plan,
         context: list[ContextMessage] | None,
         turn: _Turn | None = None,
+        opened: Message | None = None,
     ) -> _TurnResult:
         """One model turn into one assistant row: streamed, checkpointed, then finalised.
 
@@ -595,7 +602,7 @@ class Router:
         if turn is None:
             if context is None:
                 context = await self.store.context(conversation_id, upto_user_seq=pending.seq)
-            turn = self._start_turn(conversation_id, pending, plan, context, None)
+            turn = self._start_turn(conversation_id, pending, plan, context, opened)
         result, stream, row = turn.result, turn.stream, turn.opened
         if row is None:
             try:

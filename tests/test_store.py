@@ -81,6 +81,7 @@ async def test_a_new_conversations_opening_turn_is_what_the_store_would_read(sto
         client_msg_id="m1",
         system_prompt="be brief",
         reply_options={"model": "openai/fake", "temperature": 0.5},
+        open_reply="openai/default",
     )
     assert stored is not None
     conv, message, created = stored.conversation, stored.message, stored.created
@@ -91,6 +92,8 @@ async def test_a_new_conversations_opening_turn_is_what_the_store_would_read(sto
     assert read.message.id == assumed.message.id == message.id
     assert read.message.reply_options == assumed.message.reply_options
     assert read.context == assumed.context
+    assert read.reply is not None and assumed.reply is not None
+    assert read.reply.id == assumed.reply.id
     for name in ("id", "owner", "system_prompt", "model", "temperature", "answered_seq"):
         assert getattr(read.conversation, name) == getattr(assumed.conversation, name), name
 
@@ -120,6 +123,43 @@ async def test_a_new_conversations_reply_row_is_stored_with_its_message(store: S
     )
     assert later is not None and later.message.seq == 3
     assert await store.count_messages(stored.conversation.id) == 3
+
+
+async def test_a_follow_up_opens_its_reply_only_when_nothing_older_waits(store: Store) -> None:
+    """A follow-up is stored with its reply's row, and its context read, in one transaction, but
+    only when every older message is answered; the row is the one `waiting_turn` then reads."""
+    first = await store.add_user_message(
+        owner="u", conversation_id=None, content="one", client_msg_id=None, model="openai/a"
+    )
+    assert first is not None and first.reply is None
+    conv_id = first.conversation.id
+    # Message 1 still waits: message 2 must wait behind it, with no row of its own yet.
+    second = await store.add_user_message(
+        owner="u", conversation_id=conv_id, content="two", client_msg_id=None, open_reply="d"
+    )
+    assert second is not None and second.reply is None and second.context is None
+    row = await store.add_message(conversation_id=conv_id, role="assistant", content="ans")
+    await store.mark_answered(conv_id, 2)  # both answered (the reply covers them here)
+    third = await store.add_user_message(
+        owner="u", conversation_id=conv_id, content="three", client_msg_id=None, open_reply="d"
+    )
+    assert third is not None and third.reply is not None and third.context is not None
+    assert (third.message.seq, third.reply.seq) == (4, 5)
+    assert third.reply.model == "openai/a"  # the conversation's model, not the default
+    assert [(c.role, c.content) for c in third.context] == [
+        ("user", "one"),
+        ("user", "two"),
+        ("assistant", "ans"),
+        ("user", "three"),
+    ]
+    assert row.seq == 3
+    read = await store.waiting_turn(conv_id)
+    assert read is not None and read.message.id == third.message.id
+    assert read.reply is not None and read.reply.id == third.reply.id
+    assert read.context == third.context
+    opened = store.opening_turn(third)
+    assert (opened.message.id, opened.context) == (read.message.id, read.context)
+    assert opened.reply is third.reply and opened.conversation.last_seq == 5
 
 
 async def test_rows_handed_out_match_the_stored_rows(store: Store) -> None:

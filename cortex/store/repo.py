@@ -56,7 +56,8 @@ class WaitingTurn(NamedTuple):
     conversation: Conversation
     message: Message
     context: list[ContextMessage]
-    reply: Message | None = None  # its row, if stored with the message (`open_reply`)
+    # Its row, if stored with the message (`open_reply`) and not streamed into yet.
+    reply: Message | None = None
 
 
 class StoredMessage(NamedTuple):
@@ -66,6 +67,7 @@ class StoredMessage(NamedTuple):
     message: Message
     created: bool
     reply: Message | None = None  # the reply's row, when it was opened with the message
+    context: list[ContextMessage] | None = None  # what the model sees, when it was opened
 
 
 class StoreError(Internal):
@@ -219,9 +221,13 @@ class Store:
         """Store a user message, creating the conversation when `conversation_id` is None.
 
         A repeated `client_msg_id` returns the stored message with created=False (an
-        idempotent retry). None: no such conversation. `open_reply` (a model name, for a new
-        conversation only): also store the reply's row, `streaming`, in the same transaction,
-        so that the model can be called without another database write before its first words.
+        idempotent retry). None: no such conversation.
+
+        `open_reply` (the server's default model): if no older message of the conversation
+        waits for its reply, this message's reply can start at once, so its row is stored too
+        (`streaming`, for the message's model, else the conversation's, else this one) and
+        the context is read, in the same transaction: the model is called with no other
+        database work before its first words. The result's `reply` and `context` say so.
         """
 
         def store(session: Session) -> StoredMessage | None:
@@ -256,10 +262,19 @@ class Store:
                 client_msg_id=client_msg_id,
                 reply_options=reply_options or None,
             )
-            reply = None
-            if open_reply is not None and conversation_id is None:
-                reply = _add(session, conv.id, seq + 1, **opened_reply_fields(open_reply))
-            return StoredMessage(conv, message, True, reply)
+            if open_reply is None or _older_waits(session, conv, seq):
+                return StoredMessage(conv, message, True)
+            if conversation_id is None:
+                context = [ContextMessage("user", content, None, None)]  # the message alone
+                reply_seq = seq + 1
+            else:
+                context = _context(session, conv.id, seq)
+                taken = _take_seq(session, conv.id)
+                assert taken is not None  # the row was just updated in this transaction
+                conv, reply_seq = taken
+            reply_model = model or conv.model or open_reply
+            reply = _add(session, conv.id, reply_seq, **opened_reply_fields(reply_model))
+            return StoredMessage(conv, message, True, reply, context)
 
         for _attempt in range(3):
             try:
@@ -341,16 +356,16 @@ class Store:
             if waiting is None:
                 return None
             conv, message = waiting
-            return WaitingTurn(conv, message, _context(session, conversation_id, message.seq))
+            context = _context(session, conversation_id, message.seq)
+            return WaitingTurn(conv, message, context, _opened_reply(session, message))
 
         return await self._run(read)
 
     def opening_turn(self, stored: StoredMessage) -> WaitingTurn:
-        """The turn a new conversation's first message opens, as `waiting_turn` would read it:
-        what the model sees is that message alone, so it needs no read."""
-        message = stored.message
-        context = [ContextMessage(message.role, message.content, None, None)]
-        return WaitingTurn(stored.conversation, message, context, stored.reply)
+        """The turn a message opened when it was stored with its reply's row (`open_reply`),
+        as `waiting_turn` would read it."""
+        assert stored.reply is not None and stored.context is not None
+        return WaitingTurn(stored.conversation, stored.message, stored.context, stored.reply)
 
     @timed
     async def mark_answered(self, conversation_id: str, seq: int) -> None:
@@ -505,6 +520,22 @@ _CONTEXT = (
     )
     .order_by(Message.seq)
 )
+_WAITING_BEFORE = (
+    select(_messages.c.seq)
+    .where(
+        _messages.c.conversation_id == bindparam("target"),
+        _messages.c.role == "user",
+        _messages.c.seq > bindparam("answered"),
+        _messages.c.seq < bindparam("seq"),
+    )
+    .limit(1)
+)
+_OPENED_REPLY = select(Message).where(
+    Message.conversation_id == bindparam("target"),
+    Message.seq == bindparam("next"),
+    Message.role == "assistant",
+    Message.status == "streaming",
+)
 _NEXT_UNANSWERED = (
     select(Conversation, Message)
     .join(Conversation, Conversation.id == Message.conversation_id)
@@ -600,6 +631,21 @@ def _context(session: Session, conversation_id: str, upto_user_seq: int) -> list
     # conversation's rows cost two to three times as much to load as ORM objects.
     rows = _core(session).execute(_CONTEXT, {"target": conversation_id, "upto": upto_user_seq})
     return [ContextMessage(*row) for row in rows]
+
+
+def _older_waits(session: Session, conv: Conversation, seq: int) -> bool:
+    """Whether a user message before `seq` still waits for its reply."""
+    if conv.answered_seq >= seq - 1:
+        return False
+    params = {"target": conv.id, "answered": conv.answered_seq, "seq": seq}
+    return _core(session).execute(_WAITING_BEFORE, params).first() is not None
+
+
+def _opened_reply(session: Session, message: Message) -> Message | None:
+    """The row opened with a waiting message (`open_reply`), if nobody has streamed into it:
+    a worker that was still running when the message was stored answers it into that row."""
+    params = {"target": message.conversation_id, "next": message.seq + 1}
+    return session.scalars(_OPENED_REPLY, params).first()
 
 
 def _next_unanswered(session: Session, conversation_id: str) -> tuple[Conversation, Message] | None:
