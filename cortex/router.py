@@ -9,6 +9,7 @@ on, stream the reply with checkpoints, run tools, store the final reply, typing 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import weakref
@@ -160,6 +161,9 @@ class Router:
         self._active: dict[str, ActiveReply] = {}
         self._current: dict[str, PendingReply] = {}
         self.closing = False  # set by drain(): new messages are refused
+        # Sends past the closing check: drain() waits for them, since one may start a reply.
+        self._sends = 0
+        self._no_sends = asyncio.Event()
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         hub.on_control = self._control
 
@@ -187,6 +191,23 @@ class Router:
                 raise BadFrame(f"unknown tools: {', '.join(unknown)}")
         if self.closing:
             raise Unavailable("the server is shutting down; send again on another connection")
+        self._sends += 1
+        self._no_sends.clear()
+        try:
+            await self._send(owner, frame, client, model, tools)
+        finally:
+            self._sends -= 1
+            if not self._sends:
+                self._no_sends.set()
+
+    async def _send(
+        self,
+        owner: str,
+        frame: Send,
+        client: Subscriber,
+        model: str | None,
+        tools: tuple[str, ...] | None,
+    ) -> None:
         connection_id = getattr(client, "id", None)
         if frame.conversation_id:
             # Replies to earlier messages may come from another process: listen first.
@@ -226,7 +247,9 @@ class Router:
             conv, message, created = stored.conversation, stored.message, stored.created
             # The periodic sweep may see the stored message first and start its worker: that
             # worker reads the row back and answers into it.
-            opened = stored.reply is not None and not self.closing and conv.id not in self._workers
+            # A reply started here is seen through even if the server began closing: drain()
+            # waits for sends in flight before it looks at the workers.
+            opened = stored.reply is not None and conv.id not in self._workers
             if opened:
                 # The model is called first; the frames below go out while it thinks.
                 self.kick(conv.id, self._open(self.store.opening_turn(stored)))
@@ -421,7 +444,7 @@ class Router:
 
         `first`: a reply `send` already started; the new worker goes on with it.
         """
-        if self.closing:
+        if self.closing and first is None:
             return
         self._dirty.add(conversation_id)
         if conversation_id not in self._workers:
@@ -868,6 +891,9 @@ class Router:
         """Refuse new messages, let replies in progress finish for up to `grace` seconds, then
         interrupt the rest: each is stored as `interrupted` with its final `message`."""
         self.closing = True
+        if self._sends:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._no_sends.wait(), grace)
         workers = list(self._workers.values())
         if not workers:
             return

@@ -153,6 +153,50 @@ async def test_shutdown_refuses_new_sends_and_leaves_nothing_streaming(
     assert len(conversations) == 1  # the refused send stored nothing
 
 
+async def test_a_send_stored_while_the_server_begins_closing_is_seen_through(
+    start_server: Any, connect_to: Any, provider: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send whose transaction is in flight when the drain begins stores its reply's row with
+    the message: the drain waits for the send and then for that reply (the soak found rows left
+    `streaming` when it did not)."""
+    app = await start_server(shutdown_grace_s=5)
+    provider.default = Reply(text=TEXT, chunk_delay=0.01)
+    original = Store.add_user_message
+    gate = asyncio.Event()
+    reached = asyncio.Event()
+
+    async def slow_store(self: Store, **kwargs: Any) -> Any:
+        reached.set()
+        await gate.wait()  # the transaction is under way when the drain begins
+        return await original(self, **kwargs)
+
+    monkeypatch.setattr(Store, "add_user_message", slow_store)
+    client: Client = await connect_to(app)
+    await client.send(type="send", content="just in time")
+    await asyncio.wait_for(reached.wait(), 10)
+    stopping = asyncio.create_task(app.stop())
+    for _ in range(1000):  # stop() runs up to the drain, which waits for the send
+        if app.router.closing:
+            break
+        await asyncio.sleep(0.01)
+    assert app.router.closing and not stopping.done()
+    gate.set()
+    await asyncio.wait_for(stopping, 30)
+    from cortex.store import Store as FreshStore
+    from cortex.store import make_engine
+
+    engine = make_engine(app.settings)
+    try:
+        store = FreshStore(engine)
+        conversations, _ = await store.conversations(owner="local")
+        rows = [r for c in conversations for r in (await store.messages(c.id))[0]]
+    finally:
+        await store.close()
+        await engine.dispose()
+    assert [(r.role, r.status) for r in rows] == [("user", "complete"), ("assistant", "complete")]
+    assert rows[1].content == TEXT
+
+
 async def test_a_burst_of_chunks_is_still_streamed(client: Client, provider: FakeOpenAI) -> None:
     words = " ".join(f"w{i}" for i in range(2000))
     provider.enqueue(Reply(text=words))  # no delay: the provider sends everything at once
