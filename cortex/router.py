@@ -245,10 +245,9 @@ class Router:
             if stored is None:
                 raise NotFound("no such conversation")
             conv, message, created = stored.conversation, stored.message, stored.created
-            # The periodic sweep may see the stored message first and start its worker: that
-            # worker reads the row back and answers into it.
-            # A reply started here is seen through even if the server began closing: drain()
-            # waits for sends in flight before it looks at the workers.
+            # If the periodic sweep saw the message first and started the conversation's
+            # worker, that worker reads the row back and answers into it. A reply started here
+            # is seen through even if the server began closing: drain() waits for sends.
             opened = stored.reply is not None and conv.id not in self._workers
             if opened:
                 # The model is called first; the frames below go out while it thinks.
@@ -580,12 +579,17 @@ class Router:
         )
         try:
             rounds = 0
-            context: list[ContextMessage] | None = waiting.context
-            turn = opening.turn if opening is not None else None
-            opened = waiting.reply
+            # The first turn's context is known (and maybe its row); later turns read theirs.
+            turn: _Turn | None = (
+                opening.turn
+                if opening is not None
+                else self._start_turn(
+                    conversation_id, pending, plan, waiting.context, waiting.reply
+                )
+            )
             while True:
-                result = await self._turn(conversation_id, pending, plan, context, turn, opened)
-                context, turn, opened = None, None, None  # read again after each tool round
+                result = await self._turn(conversation_id, pending, plan, turn)
+                turn = None
                 if not result.calls or pending.cancel_requested or pending.interrupted:
                     return
                 rounds += 1
@@ -612,20 +616,17 @@ class Router:
         conversation_id: str,
         pending: PendingReply,
         plan: _Plan,
-        context: list[ContextMessage] | None,
-        turn: _Turn | None = None,
-        opened: Message | None = None,
+        turn: _Turn | None,
     ) -> _TurnResult:
         """One model turn into one assistant row: streamed, checkpointed, then finalised.
 
-        The model is called as soon as the context is read. Its first words wait for the row
-        they stream into, which is stored meanwhile (a database round trip less before them),
-        unless the `turn` was started with its row already stored.
+        The model is called as soon as the context is read (`turn`: already called). Its
+        first words wait for the row they stream into, which is stored meanwhile (a database
+        round trip less before them), unless the turn started with its row already stored.
         """
         if turn is None:
-            if context is None:
-                context = await self.store.context(conversation_id, upto_user_seq=pending.seq)
-            turn = self._start_turn(conversation_id, pending, plan, context, opened)
+            context = await self.store.context(conversation_id, upto_user_seq=pending.seq)
+            turn = self._start_turn(conversation_id, pending, plan, context, None)
         result, stream, row = turn.result, turn.stream, turn.opened
         if row is None:
             try:
@@ -891,13 +892,15 @@ class Router:
         """Refuse new messages, let replies in progress finish for up to `grace` seconds, then
         interrupt the rest: each is stored as `interrupted` with its final `message`."""
         self.closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace  # one grace period for the sends and the replies
         if self._sends:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._no_sends.wait(), grace)
         workers = list(self._workers.values())
         if not workers:
             return
-        _done, still = await asyncio.wait(workers, timeout=grace)
+        _done, still = await asyncio.wait(workers, timeout=max(0.0, deadline - loop.time()))
         if not still:
             return
         # Messages still waiting stay stored and acknowledged: the next process answers them.

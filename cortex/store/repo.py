@@ -643,7 +643,7 @@ def _older_waits(session: Session, conv: Conversation, seq: int) -> bool:
 
 def _opened_reply(session: Session, message: Message) -> Message | None:
     """The row opened with a waiting message (`open_reply`), if nobody has streamed into it:
-    a worker that was still running when the message was stored answers it into that row."""
+    a worker that the sweep started before `send` went on answers into that row."""
     params = {"target": message.conversation_id, "next": message.seq + 1}
     return session.scalars(_OPENED_REPLY, params).first()
 
