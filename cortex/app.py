@@ -16,10 +16,11 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from .access import Gate, OriginPolicy, presented_token, scrubbed_logger
+from .access import Gate, OriginPolicy, presented_token
 from .auth import LOCAL_USER, Authenticator, Principal, auth_required, parse_env_tokens
 from .config import Settings
 from .errors import CortexError
+from .handshakes import websockets_logger
 from .hub import Hub
 from .leases import RedisLeases
 from .llm import LlmService
@@ -268,8 +269,9 @@ class Cortex:
             ping_timeout=20,
             server_header=None,
             # websockets logs request paths (a browser's token is in the query) and, at DEBUG,
-            # every header (Authorization): its logger scrubs tokens out.
-            logger=scrubbed_logger("websockets.server"),
+            # every header (Authorization): its logger scrubs tokens out. A handshake the
+            # client broke (a health check's bare TCP connect) is logged as the client's doing.
+            logger=websockets_logger(),
         )
         if self.gate.authenticator.required:
             self._recheck = asyncio.create_task(self._recheck_tokens(), name="auth-recheck")

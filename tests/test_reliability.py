@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import sys
 from typing import Any
 
 import pytest
 from conftest import TIMEOUT, Client, deltas_text, eventually, final_message
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 
+from cortex.handshakes import FAILED, ClientHandshakeFailures
 from cortex.testing.fake_openai import FakeOpenAI, Reply
 
 # The protocol promises hold on either store (docs/scaling.md).
@@ -238,6 +241,82 @@ async def test_connection_limit_closes_with_1013(start_server: Any, connect_to: 
     with pytest.raises(ConnectionClosed):
         await third.recv()
     assert third.ws.close_code == 1013
+
+
+# What a client may do to the opening handshake: what it writes, the start of the answer it
+# gets before the server closes, and the line Cortex logs.
+BROKEN_HANDSHAKES = [
+    pytest.param(b"", b"", "handshake abandoned", id="TCP health check: connect, leave"),
+    pytest.param(
+        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"", "handshake abandoned", id="cut off"
+    ),
+    pytest.param(b"HELLO\r\n\r\n", b"", "handshake refused", id="not HTTP"),
+    pytest.param(
+        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        b"HTTP/1.1 400 ",
+        "handshake refused",
+        id="upgrade without its key",
+    ),
+]
+
+
+async def _raw_handshake(port: int, data: bytes) -> bytes:
+    """Write `data` on a bare TCP connection and read until the server closes. A client that
+    has not sent a whole request stops writing, which is how leaving looks to the server."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        if not data.endswith(b"\r\n\r\n"):
+            writer.write_eof()
+        return await asyncio.wait_for(reader.read(), TIMEOUT)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(("data", "answer", "logged"), BROKEN_HANDSHAKES)
+async def test_a_handshake_the_client_broke_is_not_a_server_error(
+    server: Any,
+    client: Client,
+    caplog: pytest.LogCaptureFixture,
+    data: bytes,
+    answer: bytes,
+    logged: str,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    got = await _raw_handshake(server.port, data)
+    assert got.startswith(answer) and bool(got) == bool(answer), got
+    await eventually(lambda: any(r.getMessage() == logged for r in caplog.records))
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not errors, [(r.name, r.getMessage()) for r in errors]
+    # The server and the connection already open go on.
+    assert (await client.request(type="ping"))["type"] == "pong"
+
+
+def _handshake_failure(exc: Exception) -> logging.LogRecord:
+    """websockets' record of a failed handshake, with `exc` as its exception."""
+    try:
+        raise exc
+    except Exception:
+        return logging.LogRecord(
+            "websockets.server", logging.ERROR, __file__, 1, FAILED, None, sys.exc_info()
+        )
+
+
+def test_only_the_clients_handshake_failures_are_taken_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that leaves while its answer is made is the client's doing (the raw cases above
+    cannot time that); a bug in Cortex's own request handling stays websockets' ERROR."""
+    caplog.set_level(logging.DEBUG)
+    left = ConnectionClosedError(None, None)
+    assert not ClientHandshakeFailures().filter(_handshake_failure(left))
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
+        ("cortex.http", logging.DEBUG, "handshake abandoned")
+    ]
+    bug = _handshake_failure(RuntimeError("process_request broke"))
+    assert ClientHandshakeFailures().filter(bug)
+    assert bug.levelno == logging.ERROR and bug.exc_info is not None
 
 
 async def test_slow_reader_is_dropped_and_others_go_on(
