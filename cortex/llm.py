@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from .config import MOCK_MODEL, Settings
 from .errors import CortexError, ProviderError, ProviderTimeout
+from .silence import SilenceTimer
 
 Messages = Sequence[dict[str, Any]]
 
@@ -204,15 +205,17 @@ class LlmService:
                 response = await self._litellm.acompletion(**kwargs)
             _bound_chunk_history(response)
             # Only the wait for the next chunk is timed: a stall between chunks ends the reply.
-            async with asyncio.timeout(None) as stall:
+            async with asyncio.timeout(None) as stall_scope:
+                silence = SilenceTimer(stall_scope, idle)
                 iterator = response.__aiter__()
                 while True:
-                    stall.reschedule(loop.time() + idle)
+                    silence.arm()
                     try:
                         chunk = await iterator.__anext__()
                     except StopAsyncIteration:
                         break
-                    stall.reschedule(None)
+                    finally:
+                        silence.disarm()
                     if getattr(chunk, "usage", None) is not None:
                         usage = chunk.usage
                     if not chunk.choices:
