@@ -357,7 +357,7 @@ class Store:
                 return None
             conv, message = waiting
             context = _context(session, conversation_id, message.seq)
-            return WaitingTurn(conv, message, context, _opened_reply(session, message))
+            return WaitingTurn(conv, message, context, _opened_reply(session, conv, message))
 
         return await self._run(read)
 
@@ -641,9 +641,11 @@ def _older_waits(session: Session, conv: Conversation, seq: int) -> bool:
     return _core(session).execute(_WAITING_BEFORE, params).first() is not None
 
 
-def _opened_reply(session: Session, message: Message) -> Message | None:
+def _opened_reply(session: Session, conv: Conversation, message: Message) -> Message | None:
     """The row opened with a waiting message (`open_reply`), if nobody has streamed into it:
     a worker that the sweep started before `send` went on answers into that row."""
+    if conv.last_seq <= message.seq:
+        return None  # nothing stored after the message (every reply of a multi-process server)
     params = {"target": message.conversation_id, "next": message.seq + 1}
     return session.scalars(_OPENED_REPLY, params).first()
 
