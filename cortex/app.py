@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +20,7 @@ from websockets.http11 import Request, Response
 from .access import Gate, OriginPolicy, presented_token
 from .auth import LOCAL_USER, Authenticator, Principal, auth_required, parse_env_tokens
 from .config import Settings
-from .errors import CortexError
+from .errors import CortexError, StartupError
 from .handshakes import websockets_logger
 from .hub import Hub
 from .leases import RedisLeases
@@ -254,9 +255,22 @@ class Cortex:
                     recovered,
                 )
         await self.router.sweep()  # messages acknowledged but never answered (a crash)
-        self._sweeper = asyncio.create_task(self._sweep(), name="sweeper")
         s = self.settings
-        self.server = await serve(
+        try:
+            self.server = await self._listen()
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise StartupError(
+                f"cannot listen on {s.host}:{s.port}: {reason} "
+                "(CORTEX_HOST and CORTEX_PORT, or --host and --port)"
+            ) from exc
+        self._sweeper = asyncio.create_task(self._sweep(), name="sweeper")
+        if self.gate.authenticator.required:
+            self._recheck = asyncio.create_task(self._recheck_tokens(), name="auth-recheck")
+
+    async def _listen(self) -> Server:
+        s = self.settings
+        return await serve(
             self.handle,
             s.host,
             s.port,
@@ -273,8 +287,6 @@ class Cortex:
             # client broke (a health check's bare TCP connect) is logged as the client's doing.
             logger=websockets_logger(),
         )
-        if self.gate.authenticator.required:
-            self._recheck = asyncio.create_task(self._recheck_tokens(), name="auth-recheck")
 
     async def stop(self) -> None:
         """Stop accepting, let replies finish within the grace period, close clients (1001)."""

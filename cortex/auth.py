@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .config import Settings
-from .errors import CortexError
+from .errors import CortexError, StartupError
 
 log = logging.getLogger("cortex.auth")
 
@@ -39,7 +39,7 @@ _USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*")
 _TOUCH_EVERY_S = 60.0  # last_used_at is a hint, not an audit log: one write a minute per token
 
 
-class AuthConfigError(CortexError):
+class AuthConfigError(StartupError):
     """The access settings are invalid or unsafe; the server refuses to start."""
 
     code = "auth_config"

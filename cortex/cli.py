@@ -1,6 +1,7 @@
 """`cortex serve | migrate | doctor | chat | token`: the command line.
 
-Settings are built here, once, and passed down.
+Settings are built here, once, and passed down. Only the standard library is imported before
+the arguments are parsed, so `cortex --help` and `--version` answer at once.
 """
 
 from __future__ import annotations
@@ -13,15 +14,12 @@ import logging
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .auth import AuthConfigError
-from .banner import safe_url
-from .config import Settings
-from .logs import configure_logging, event
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 _SETTINGS_NOTE = (
     "Settings come from CORTEX_* environment variables, also read from ./.env "
@@ -124,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pydantic import ValidationError
+
+    from .config import Settings
+    from .errors import StartupError
+    from .logs import configure_logging
+
     try:
         settings = Settings()
     except ValidationError as exc:
@@ -143,18 +147,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.model_copy(update={"log_level": logging.getLevelName(quiet)}))
     else:
         configure_logging(settings)
+    try:
+        return _run(args, settings)
+    except StartupError as exc:
+        # A setting or the machine stops the start: one line that says which, no traceback.
+        print(f"cortex: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "migrate":
+        from .banner import safe_url
         from .store import migrate
 
         migrate(settings.database_url)
         print(f"database {safe_url(settings.database_url)} is at the newest revision")
         return 0
     if args.command == "serve":
-        try:
-            return run_event_loop(_serve(settings), use_uvloop=settings.uvloop)
-        except AuthConfigError as exc:
-            print(f"cortex: {exc}", file=sys.stderr)
-            return 2
+        return run_event_loop(_serve(settings), use_uvloop=settings.uvloop)
     if args.command == "doctor":
         from .doctor import run_doctor
 
@@ -188,7 +198,8 @@ def run_event_loop(main: Coroutine[Any, Any, int], *, use_uvloop: bool) -> int:
 
 async def _serve(settings: Settings) -> int:
     from .app import running
-    from .banner import auth_mode, banner
+    from .banner import auth_mode, banner, safe_url
+    from .logs import event
 
     log = logging.getLogger("cortex")
     stop = asyncio.Event()

@@ -27,7 +27,8 @@ _KEY_DEFAULTS: tuple[tuple[str, str], ...] = (
     ("GROQ_API_KEY", "groq/llama-3.1-8b-instant"),
 )
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+"""The chat page, shipped inside the package (a wheel installs it unpacked beside the code)."""
 
 CsvList = Annotated[list[str], NoDecode]
 

@@ -13,7 +13,10 @@
     │   └── ProviderTimeout  provider_timeout the provider stalled or took too long
     ├── Unavailable          unavailable   shutting down: try again (another process)
     ├── ToolError            tool_error
-    └── Internal             internal
+    ├── Internal             internal
+    └── StartupError         startup       the server cannot start: bad settings or
+        ├── AuthConfigError  auth_config   surroundings, said in one line (exit 2)
+        └── DatabaseTooNew   database_too_new
 
 Third-party exceptions are mapped to these at one boundary each (`llm.py` for LiteLLM,
 `store/` for SQLAlchemy) with `raise ... from exc`.
@@ -85,3 +88,15 @@ class ToolError(CortexError):
 
 class Internal(CortexError):
     code = "internal"
+
+
+class StartupError(CortexError):
+    """The server cannot start (a setting, a folder, a port): `cortex` prints it, exit 2."""
+
+    code = "startup"
+
+
+class DatabaseTooNew(StartupError):
+    """The database is at a revision this Cortex does not know: a newer one migrated it."""
+
+    code = "database_too_new"

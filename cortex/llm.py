@@ -11,7 +11,7 @@ import asyncio
 import importlib
 import json
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Protocol
@@ -135,10 +135,38 @@ def mock_reply(messages: Messages) -> str:
     )
 
 
-class LlmService:
-    """Model calls through LiteLLM, configured from `Settings`."""
+# The seed design's config keys, and the settings they stand for.
+_SEED_KEYS = {"default_model": "default_model", "use_mock": "use_mock", "timeout": "llm_timeout"}
 
-    def __init__(self, settings: Settings) -> None:
+
+def settings_from(config: Settings | Mapping[str, Any] | None) -> Settings:
+    """`Settings` from what `LlmService` accepts: `Settings`, the seed's dict, or `None`.
+
+    A dict takes the seed's keys (`default_model`, `use_mock`, `timeout`) and any `Settings`
+    field by name; what it leaves out comes from the environment, as for `Settings()`.
+    """
+    if isinstance(config, Settings):
+        return config
+    if config is None:
+        return Settings()
+    values: dict[str, Any] = {}
+    for key, value in config.items():
+        name = _SEED_KEYS.get(key, key)
+        if name not in Settings.model_fields:
+            raise ValueError(f"LlmService config: unknown key {key!r}")
+        values[name] = value
+    return Settings(**values)
+
+
+class LlmService:
+    """Model calls through LiteLLM.
+
+    Cortex builds it from its `Settings`; callers written against the seed design may pass the
+    seed's dict (`{"default_model": ..., "use_mock": ..., "timeout": ...}`) or nothing.
+    """
+
+    def __init__(self, config: Settings | Mapping[str, Any] | None = None) -> None:
+        settings = settings_from(config)
         self.settings = settings
         self._litellm = load_litellm(remote_cost_map=settings.litellm_remote_cost_map)
 
@@ -361,6 +389,21 @@ class LlmService:
         ):
             if isinstance(event, TextDelta):
                 yield event.text
+
+
+_shared_service: LlmService | None = None
+
+
+def get_llm_service(config: Settings | Mapping[str, Any] | None = None) -> LlmService:
+    """The seed design's accessor: one shared `LlmService`, rebuilt when a config is given.
+
+    Kept for scripts written against the seed. Cortex's server never calls it: it builds its
+    service from its settings and passes it down.
+    """
+    global _shared_service
+    if _shared_service is None or config is not None:
+        _shared_service = LlmService(config)
+    return _shared_service
 
 
 class ChunkWindow(list[Any]):

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e .
+# Exact versions from the lock (requirements/lock.txt), the installer and build backend too.
+.venv/bin/python -m pip install -q -c requirements/lock.txt --upgrade pip
+.venv/bin/python -m pip install -q -c requirements/lock.txt --build-constraint requirements/lock.txt -e .
 exec .venv/bin/cortex serve "$@"

@@ -21,8 +21,9 @@ fi
 
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+# Exact versions from the lock (requirements/lock.txt), the installer and build backend too.
+.venv/bin/python -m pip install -q -c requirements/lock.txt --upgrade pip
+.venv/bin/python -m pip install -q -c requirements/lock.txt --build-constraint requirements/lock.txt -e '.[test]'
 
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

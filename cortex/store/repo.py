@@ -473,7 +473,8 @@ class Store:
             .select_from(Message)
             .where(Message.conversation_id == conversation_id)
         )
-        return int(await self._run(lambda session: session.scalar(query)) or 0)
+        count: int | None = await self._run(lambda session: session.scalar(query))
+        return count or 0
 
 
 # ---- queries used by several transactions ------------------------------------------------

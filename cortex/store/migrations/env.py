@@ -10,6 +10,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from cortex.config import Settings
+from cortex.store.db import refuse_unknown_revisions
 from cortex.store.models import Base
 
 target_metadata = Base.metadata
@@ -26,6 +27,7 @@ def _run(connection: Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
     )
+    refuse_unknown_revisions(context.get_context().get_current_heads(), context.script)
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
             # Several processes may start at once: one migrates, the others wait and then find
