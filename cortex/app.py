@@ -21,7 +21,7 @@ from .access import Gate, OriginPolicy, presented_token
 from .auth import LOCAL_USER, Authenticator, Principal, auth_required, parse_env_tokens
 from .config import Settings
 from .errors import CortexError, StartupError
-from .handshakes import websockets_logger
+from .handshakes import ReportingConnection, websockets_logger
 from .hub import Hub
 from .leases import RedisLeases
 from .llm import LlmService
@@ -282,9 +282,9 @@ class Cortex:
             ping_interval=20,
             ping_timeout=20,
             server_header=None,
-            # websockets logs request paths (a browser's token is in the query) and, at DEBUG,
-            # every header (Authorization): its logger scrubs tokens out. A handshake the
-            # client broke (a health check's bare TCP connect) is logged as the client's doing.
+            # A handshake the client broke (a health check's bare TCP connect) is logged as the
+            # client's doing; websockets' own lines go through a token scrubber.
+            create_connection=ReportingConnection,
             logger=websockets_logger(),
         )
 

@@ -1,52 +1,57 @@
-"""The logger handed to websockets: a handshake a client broke is not a server error.
+"""Why an opening handshake failed, said in one Cortex line, and never as a server error.
 
-websockets logs every failed opening handshake as "opening handshake failed" at ERROR, with a
-traceback. Most of them are the client's doing: a load balancer's TCP health check or a port
-scan connects and leaves without a request, a browser gives up on a slow server, something
-sends what is not HTTP or not an upgrade. Behind a load balancer that is an ERROR every few
-seconds, and real errors drown in it. Those become one Cortex line on `cortex.http`: DEBUG
-when the client left before its request was complete (like the health check it usually is),
-INFO when it sent something invalid. Any other exception (a bug in Cortex's request handling)
-keeps websockets' ERROR and traceback.
+Most failed handshakes are the client's doing: a load balancer's TCP health check or a port scan
+connects and leaves without a request, a browser gives up on a slow server, something sends what
+is not HTTP or not an upgrade. websockets (17+) closes those quietly. Cortex logs one line on
+`cortex.http`: DEBUG "handshake abandoned" when the client left before its request was complete
+(like the health check it usually is), INFO "handshake refused" when it sent something invalid.
+A bug in Cortex's request handling stays websockets' "process_request failed" ERROR.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
 
 from .access import scrubbed_logger
 from .logs import event
 
 log_http = logging.getLogger("cortex.http")
-FAILED = "opening handshake failed"  # websockets' message, websockets.asyncio.server
 
 
-class ClientHandshakeFailures(logging.Filter):
-    """Drops websockets' record of a handshake the client broke, and logs a Cortex event."""
+def report_failure(failure: BaseException | None) -> None:
+    """Log why a handshake failed: `failure` is what websockets kept of it (None: the client
+    closed the connection before it sent a request)."""
+    cause = failure.__cause__ if failure is not None else None
+    if failure is None or isinstance(failure, ConnectionClosed):
+        reason = str(failure) if failure is not None else "closed before a request"
+        event(log_http, "handshake abandoned", logging.DEBUG, reason=reason)
+    elif isinstance(cause, EOFError | ConnectionError):  # it left before its request ended
+        event(log_http, "handshake abandoned", logging.DEBUG, reason=str(cause))
+    else:
+        reason = f"{failure}: {cause}" if cause is not None else str(failure)
+        event(log_http, "handshake refused", logging.INFO, reason=reason)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if record.msg != FAILED or not isinstance(exc, InvalidHandshake | ConnectionClosed):
-            return True
-        cause = exc.__cause__
-        if isinstance(exc, ConnectionClosed):  # it left while its answer was being made
-            event(log_http, "handshake abandoned", logging.DEBUG, reason=str(exc))
-        elif isinstance(cause, EOFError | ConnectionError):  # it left before its request ended
-            event(log_http, "handshake abandoned", logging.DEBUG, reason=str(cause))
-        else:
-            reason = f"{exc}: {cause}" if cause is not None else str(exc)
-            event(log_http, "handshake refused", logging.INFO, reason=reason)
-        return False
+
+class ReportingConnection(ServerConnection):
+    """websockets' server connection, which reports a handshake the client broke."""
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().handshake(*args, **kwargs)
+        except ConnectionClosed as exc:  # it left while its answer was being sent
+            report_failure(exc)
+            raise
+        failure = self.protocol.handshake_exc
+        if failure is not None or self.request is None:
+            report_failure(failure)
+        # Otherwise the upgrade went through, or a route answered (Cortex logs those itself).
 
 
 def websockets_logger() -> logging.Logger:
-    """`websockets.server`, with client-broken handshakes taken out, then tokens scrubbed.
-
-    The filter goes first: the scrubber replaces the exception with its scrubbed text.
-    """
-    logger = logging.getLogger("websockets.server")
-    if not any(isinstance(f, ClientHandshakeFailures) for f in logger.filters):
-        logger.filters.insert(0, ClientHandshakeFailures())
+    """`websockets.server`, with tokens scrubbed: it logs request paths (a browser's token is in
+    the query) and, at DEBUG, every header (Authorization)."""
     return scrubbed_logger("websockets.server")

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from websockets.asyncio.client import connect
-
 from conftest import TIMEOUT
+from websockets.asyncio.client import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements" / "lock.txt"

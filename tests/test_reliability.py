@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 from typing import Any
 
 import pytest
 from conftest import TIMEOUT, Client, deltas_text, eventually, final_message
-from websockets.exceptions import ConnectionClosed, ConnectionClosedError
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidHeader
 
-from cortex.handshakes import FAILED, ClientHandshakeFailures
+from cortex.handshakes import report_failure
 from cortex.testing.fake_openai import FakeOpenAI, Reply
 
 # The protocol promises hold on either store (docs/scaling.md).
@@ -293,30 +292,19 @@ async def test_a_handshake_the_client_broke_is_not_a_server_error(
     assert (await client.request(type="ping"))["type"] == "pong"
 
 
-def _handshake_failure(exc: Exception) -> logging.LogRecord:
-    """websockets' record of a failed handshake, with `exc` as its exception."""
-    try:
-        raise exc
-    except Exception:
-        return logging.LogRecord(
-            "websockets.server", logging.ERROR, __file__, 1, FAILED, None, sys.exc_info()
-        )
-
-
-def test_only_the_clients_handshake_failures_are_taken_out(
+def test_a_client_leaving_mid_answer_is_abandoned_and_a_bad_request_refused(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A client that leaves while its answer is made is the client's doing (the raw cases above
-    cannot time that); a bug in Cortex's own request handling stays websockets' ERROR."""
+    """A client that leaves while its answer is sent is the client's doing (the raw cases above
+    cannot time that); a request websockets refused is one INFO line with its reason."""
     caplog.set_level(logging.DEBUG)
-    left = ConnectionClosedError(None, None)
-    assert not ClientHandshakeFailures().filter(_handshake_failure(left))
+    report_failure(ConnectionClosedError(None, None))
+    refused = InvalidHeader("Sec-WebSocket-Key")
+    report_failure(refused)
     assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
-        ("cortex.http", logging.DEBUG, "handshake abandoned")
+        ("cortex.http", logging.DEBUG, "handshake abandoned"),
+        ("cortex.http", logging.INFO, "handshake refused"),
     ]
-    bug = _handshake_failure(RuntimeError("process_request broke"))
-    assert ClientHandshakeFailures().filter(bug)
-    assert bug.levelno == logging.ERROR and bug.exc_info is not None
 
 
 async def test_slow_reader_is_dropped_and_others_go_on(
