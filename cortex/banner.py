@@ -9,7 +9,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from . import __version__
-from .auth import LOCAL_USER
+from .auth.tokens import LOCAL_USER
 from .config import MOCK_MODEL, Settings
 
 if TYPE_CHECKING:

@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .config import Settings
     from .errors import StartupError
-    from .logs import configure_logging
+    from .ops.logs import configure_logging
 
     try:
         settings = Settings()
@@ -172,10 +172,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             settings, call_model=not args.no_model, limit_s=args.timeout, out=sys.stdout
         )
     if args.command == "token":
-        from .tokens_cli import run_token_command
+        from .auth.cli import run_token_command
 
         return run_token_command(settings, args)
-    from .chat import run_chat
+    from .client.chat import run_chat
 
     url = args.url or f"ws://{settings.host}:{settings.port}/ws"
     return asyncio.run(
@@ -199,7 +199,7 @@ def run_event_loop(main: Coroutine[Any, Any, int], *, use_uvloop: bool) -> int:
 async def _serve(settings: Settings) -> int:
     from .app import running
     from .banner import auth_mode, banner, safe_url
-    from .logs import event
+    from .ops.logs import event
 
     log = logging.getLogger("cortex")
     stop = asyncio.Event()

@@ -133,7 +133,7 @@ async def _database(settings: Settings, state: _State, limit_s: float) -> list[C
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
-    from .store.db import alembic_config, make_engine
+    from .store.engine import alembic_config, make_engine
 
     url = settings.database_url
     try:
@@ -207,7 +207,7 @@ async def _database(settings: Settings, state: _State, limit_s: float) -> list[C
 def _known(revision: str, url: str) -> bool:
     from alembic.script import ScriptDirectory
 
-    from .store.db import alembic_config
+    from .store.engine import alembic_config
 
     try:
         return ScriptDirectory.from_config(alembic_config(url)).get_revision(revision) is not None
@@ -231,8 +231,8 @@ async def _redis(url: str, limit_s: float) -> Check:
 
 
 async def _auth(settings: Settings, state: _State) -> Check:
-    from .access import OriginPolicy
-    from .auth import AuthConfigError, auth_required, parse_env_tokens
+    from .auth.gate import OriginPolicy
+    from .auth.tokens import AuthConfigError, auth_required, parse_env_tokens
     from .store import TokenStore, make_engine
 
     try:

@@ -1,5 +1,9 @@
 """Every frame of the wire protocol as a pydantic model (see docs/protocol.md).
 
+A frame type is declared once, as its class: subclassing `Inbound` or `Outbound` registers it
+(`INBOUND_FRAMES`, `OUTBOUND_FRAMES`), and the parser, the server's dispatch table, the metrics'
+labels, the fuzz tests and the docs check all read those registries.
+
 Inbound frames are validated strictly: `parse_frame()` returns a typed frame or raises a
 `ProtocolError` whose `code` goes back to the client. Outbound events are built by the server
 itself, so they skip validation (`model_construct`) and are encoded to JSON once per event, then
@@ -10,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
@@ -26,12 +30,29 @@ Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
 Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
 
-class _Inbound(BaseModel):
+class Inbound(BaseModel):
+    """A client frame. Each subclass is a frame type, registered by its `type` literal."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    type: str  # each frame class narrows it to its own literal
     request_id: RequestId | None = None
 
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        INBOUND_FRAMES[type_of(cls)] = cls
 
-class Send(_Inbound):
+
+def type_of(cls: type[BaseModel]) -> str:
+    """The `type` literal a frame class declares."""
+    (kind,) = get_args(cls.model_fields["type"].annotation)
+    return str(kind)
+
+
+INBOUND_FRAMES: dict[str, type[Inbound]] = {}
+
+
+class Send(Inbound):
     """A user message; no `conversation_id` starts a new conversation."""
 
     type: Literal["send"]
@@ -47,40 +68,40 @@ class Send(_Inbound):
     ) = None
 
 
-class Subscribe(_Inbound):
+class Subscribe(Inbound):
     type: Literal["subscribe"]
     conversation_id: Id
     after_seq: Seq | None = None
 
 
-class Unsubscribe(_Inbound):
+class Unsubscribe(Inbound):
     type: Literal["unsubscribe"]
     conversation_id: Id
 
 
-class History(_Inbound):
+class History(Inbound):
     type: Literal["history"]
     conversation_id: Id
     before_seq: Seq | None = None
     limit: Limit = 50
 
 
-class Conversations(_Inbound):
+class Conversations(Inbound):
     type: Literal["conversations"]
     before: Id | None = None
     limit: Limit = 50
 
 
-class Cancel(_Inbound):
+class Cancel(Inbound):
     type: Literal["cancel"]
     conversation_id: Id
 
 
-class Ping(_Inbound):
+class Ping(Inbound):
     type: Literal["ping"]
 
 
-class Rename(_Inbound):
+class Rename(Inbound):
     """Set a conversation's title (1 to 200 characters after trimming)."""
 
     type: Literal["rename"]
@@ -88,14 +109,14 @@ class Rename(_Inbound):
     title: Title
 
 
-class Delete(_Inbound):
+class Delete(Inbound):
     """Delete a conversation and every message in it; a reply in progress is cancelled."""
 
     type: Literal["delete"]
     conversation_id: Id
 
 
-class Configure(_Inbound):
+class Configure(Inbound):
     """Change a conversation's settings for its next replies.
 
     A field left out is unchanged; a field set to null goes back to the server's default.
@@ -113,37 +134,15 @@ class Configure(_Inbound):
         return {name: getattr(self, name) for name in sorted(named)}
 
 
-InboundFrame = Annotated[
-    Send
-    | Subscribe
-    | Unsubscribe
-    | History
-    | Conversations
-    | Cancel
-    | Ping
-    | Rename
-    | Delete
-    | Configure,
-    Field(discriminator="type"),
-]
-_INBOUND: TypeAdapter[InboundFrame] = TypeAdapter(InboundFrame)
-INBOUND_TYPES = frozenset(
-    {
-        "send",
-        "subscribe",
-        "unsubscribe",
-        "history",
-        "conversations",
-        "cancel",
-        "ping",
-        "rename",
-        "delete",
-        "configure",
-    }
+# Every inbound class above is registered by now: the parser is built from the registry.
+InboundFrame = Inbound
+INBOUND_TYPES = frozenset(INBOUND_FRAMES)
+_INBOUND: TypeAdapter[Inbound] = TypeAdapter(
+    cast(Any, Annotated[Union[tuple(INBOUND_FRAMES.values())], Field(discriminator="type")])  # noqa: UP007
 )
 
 
-def parse_frame(raw: str | bytes, *, max_message_chars: int) -> InboundFrame:
+def parse_frame(raw: str | bytes, *, max_message_chars: int) -> Inbound:
     """Parse one client frame, or raise the `ProtocolError` that says what is wrong with it."""
     if isinstance(raw, bytes):
         raise BadFrame("binary frames are not accepted; send JSON text")
@@ -191,11 +190,21 @@ def request_id_of(raw: str | bytes) -> str | None:
 # ---- outbound -----------------------------------------------------------------------------
 
 
-class _Outbound(BaseModel):
+class Outbound(BaseModel):
+    """A server event. Each subclass with a `type` literal is an event type, registered."""
+
     model_config = ConfigDict(frozen=True)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        OUTBOUND_FRAMES[type_of(cls)] = cls
 
     def encode(self) -> str:
         return self.model_dump_json(exclude_none=True)
+
+
+OUTBOUND_FRAMES: dict[str, type[Outbound]] = {}
 
 
 class Usage(BaseModel):
@@ -232,7 +241,7 @@ class ConversationView(BaseModel):
     last_seq: int
 
 
-class Ack(_Outbound):
+class Ack(Outbound):
     type: Literal["ack"] = "ack"
     conversation_id: str | None = None
     message_id: str | None = None
@@ -240,20 +249,23 @@ class Ack(_Outbound):
     request_id: str | None = None
 
 
-class MessageEvent(_Outbound):
+class MessageEvent(Outbound):
     type: Literal["message"] = "message"
     conversation_id: str
     seq: int
     message: MessageView
 
 
-class Typing(_Outbound):
+class Typing(Outbound):
     type: Literal["typing"] = "typing"
     conversation_id: str
     active: bool
 
 
-class Delta(_Outbound):
+class Delta(Outbound):
+    """A piece of a streaming reply at its exact character offset. Encoded by `delta_frame`,
+    the hot path, without building this model; it declares the event's shape."""
+
     type: Literal["delta"] = "delta"
     conversation_id: str
     message_id: str
@@ -261,7 +273,7 @@ class Delta(_Outbound):
     text: str
 
 
-class ToolCallEvent(_Outbound):
+class ToolCallEvent(Outbound):
     type: Literal["tool_call"] = "tool_call"
     conversation_id: str
     message_id: str
@@ -270,7 +282,7 @@ class ToolCallEvent(_Outbound):
     arguments: Any
 
 
-class ToolResultEvent(_Outbound):
+class ToolResultEvent(Outbound):
     type: Literal["tool_result"] = "tool_result"
     conversation_id: str
     message_id: str
@@ -280,7 +292,7 @@ class ToolResultEvent(_Outbound):
     error: str | None = None
 
 
-class HistoryPage(_Outbound):
+class HistoryPage(Outbound):
     type: Literal["history"] = "history"
     conversation_id: str
     messages: list[MessageView]
@@ -288,14 +300,14 @@ class HistoryPage(_Outbound):
     request_id: str | None = None
 
 
-class ConversationsPage(_Outbound):
+class ConversationsPage(Outbound):
     type: Literal["conversations"] = "conversations"
     items: list[ConversationView]
     has_more: bool
     request_id: str | None = None
 
 
-class ConversationEvent(_Outbound):
+class ConversationEvent(Outbound):
     """A conversation was renamed, configured or titled (`conversation`), or deleted."""
 
     type: Literal["conversation"] = "conversation"
@@ -304,7 +316,7 @@ class ConversationEvent(_Outbound):
     deleted: bool | None = None
 
 
-class ErrorEvent(_Outbound):
+class ErrorEvent(Outbound):
     type: Literal["error"] = "error"
     code: str
     message: str
@@ -312,7 +324,7 @@ class ErrorEvent(_Outbound):
     conversation_id: str | None = None
 
 
-class Pong(_Outbound):
+class Pong(Outbound):
     type: Literal["pong"] = "pong"
     request_id: str | None = None
 
@@ -377,3 +389,6 @@ def take_merged_delta(first: DeltaFrame, queue: deque[str]) -> tuple[str, int]:
     if len(parts) == 1:
         return first, 0
     return delta_frame(first.conversation_id, first.message_id, first.offset, "".join(parts)), taken
+
+
+OUTBOUND_TYPES = tuple(OUTBOUND_FRAMES)

@@ -7,17 +7,10 @@ import sys
 
 import pytest
 from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
+from websockets.http11 import Request
 
-from cortex.access import (
-    Gate,
-    OriginPolicy,
-    TokenScrubber,
-    normalise_origin,
-    presented_token,
-    scrub,
-)
-from cortex.auth import (
+from cortex.auth.gate import Gate, OriginPolicy, Refusal, normalise_origin, presented_token
+from cortex.auth.tokens import (
     MIN_ENV_TOKEN_CHARS,
     AuthConfigError,
     Authenticator,
@@ -28,6 +21,7 @@ from cortex.auth import (
     is_loopback,
     parse_env_tokens,
 )
+from cortex.ops.scrubber import TokenScrubber, scrub
 from cortex.store.repo import StoreError
 
 
@@ -178,9 +172,9 @@ async def test_gate_answers_503_when_the_tokens_table_is_unreachable() -> None:
     host = ("Host", "127.0.0.1:1")
     stored = request("/ws", host, ("Authorization", f"Bearer {generate_token()}"))
     verdict = await gate.check(stored, "127.0.0.1", websocket=True)
-    assert isinstance(verdict, Response) and verdict.status_code == 503
+    assert isinstance(verdict, Refusal) and verdict.status == 503
     # Tokens from the environment need no database; other strings never reach it.
     by_env = request("/ws", host, ("Authorization", "Bearer " + "e" * 40))
     assert await gate.check(by_env, "127.0.0.1", websocket=True) == Principal("eve", via="env")
     junk = await gate.check(request("/ws?access_token=junk", host), "127.0.0.1", websocket=True)
-    assert isinstance(junk, Response) and junk.status_code == 401
+    assert isinstance(junk, Refusal) and junk.status == 401

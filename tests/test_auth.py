@@ -24,7 +24,7 @@ from websockets.exceptions import InvalidStatus
 
 from cortex import cli
 from cortex.app import Cortex, running
-from cortex.auth import LOCAL_USER, AuthConfigError, generate_token, hash_token
+from cortex.auth.tokens import LOCAL_USER, AuthConfigError, generate_token, hash_token
 from cortex.config import Settings
 from cortex.testing.fake_openai import FakeOpenAI, Reply
 

@@ -316,6 +316,67 @@ async def test_two_tabs_show_the_same_conversation_live(
     assert any(0 < len(r) < len(words(40)) for r in renders), renders
 
 
+async def test_rename_configure_and_delete_from_another_client(
+    open_tab: OpenTab, provider: FakeOpenAI, connect_client: Any
+) -> None:
+    """Another connection of the same user manages the open conversation: the page follows."""
+    provider.enqueue(
+        Reply(text="Kept."),
+        Reply(text="Hello there."),
+        Reply(text="A fresh start."),
+    )
+    client: Client = await connect_client()
+    await client.send(type="send", content="keep me")
+    other_id = (await client.until_type("ack"))[-1]["conversation_id"]
+    await client.until_reply()
+
+    page = (await open_tab()).page
+    other = page.locator(f"#conv-list a[data-id='{other_id}']")
+    await expect(other).to_have_text("keep me")
+    await send(page, "plan a trip")  # the sender is subscribed: the page gets its events
+    conv_id = await wait_conversation_id(page)
+    await expect(last_reply(page)).to_have_attribute("data-status", "complete")
+    entry = page.locator(f"#conv-list a[data-id='{conv_id}']")
+    title = page.locator("#chat-title")
+    await expect(entry).to_have_text("plan a trip")
+    await expect(title).to_have_text("plan a trip")
+
+    answer = await client.request(type="rename", conversation_id=conv_id, title="Trip\nto Rome")
+    assert answer["type"] == "ack", answer
+    await expect(title).to_have_text("Trip to Rome")
+    await expect(entry).to_have_text("Trip to Rome")
+    await expect(entry).to_have_attribute("title", "Trip to Rome")
+    await expect(entry).to_have_attribute("aria-current", "page")
+    await expect(other).to_have_text("keep me")
+
+    # Settings are not shown on the page: it takes them without a change or an error.
+    answer = await client.request(type="configure", conversation_id=conv_id, temperature=0.2)
+    assert answer["type"] == "ack", answer
+    answer = await client.request(type="rename", conversation_id=conv_id, title="Rome, final")
+    assert answer["type"] == "ack", answer
+    await expect(title).to_have_text("Rome, final")  # the configure came first, without harm
+    await expect(page.locator("#messages > li")).to_have_count(2)
+
+    answer = await client.request(type="delete", conversation_id=conv_id)
+    assert answer["type"] == "ack", answer
+    # The page leaves it for a new, empty chat, and the sidebar forgets it.
+    await expect(page).to_have_url(re.compile(r"^http://[^#]+/$"))
+    await expect(title).to_have_text("New chat")
+    await expect(page.locator("#empty")).to_be_visible()
+    await expect(page.locator("#messages > li")).to_have_count(0)
+    await expect(entry).to_have_count(0)
+    await expect(other).to_have_text("keep me")
+    await expect(page.locator("#alert")).to_be_hidden()
+    await expect(page.locator("#live")).to_have_text("This conversation was deleted.")
+
+    # And it is ready for the next conversation.
+    await send(page, "start over")
+    new_id = await wait_conversation_id(page)
+    assert new_id not in (conv_id, other_id)
+    await expect(last_reply(page).locator(".md")).to_have_text("A fresh start.")
+    await expect(page.locator(f"#conv-list a[data-id='{new_id}']")).to_have_text("start over")
+
+
 async def test_reload_mid_reply_continues_without_repeat_or_gap(
     open_tab: OpenTab, provider: FakeOpenAI
 ) -> None:

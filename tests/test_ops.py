@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 from cortex.app import Cortex
 from cortex.banner import banner, safe_url
 from cortex.config import Settings
-from cortex.logs import FIELDS, event, make_handler
+from cortex.ops.logs import FIELDS, event, make_handler
 from cortex.testing.fake_openai import FakeOpenAI, Reply, ToolCallSpec
 
 MODEL = "openai/fake-model"

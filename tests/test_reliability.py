@@ -11,7 +11,7 @@ import pytest
 from conftest import TIMEOUT, Client, deltas_text, eventually, final_message
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidHeader
 
-from cortex.handshakes import report_failure
+from cortex.server.handshakes import report_failure
 from cortex.testing.fake_openai import FakeOpenAI, Reply
 
 # The protocol promises hold on either store (docs/scaling.md).

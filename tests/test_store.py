@@ -71,95 +71,40 @@ async def test_sqlite_transactions_leave_the_event_loop_thread(store: Store) -> 
         assert ran_in == loop_thread
 
 
-async def test_a_new_conversations_opening_turn_is_what_the_store_would_read(store: Store) -> None:
-    """The router answers a new conversation's first message without reading its turn back:
-    what it assumes must be exactly what `waiting_turn` reads."""
-    stored = await store.add_user_message(
-        owner="u",
-        conversation_id=None,
-        content="Hello there",
-        client_msg_id="m1",
-        system_prompt="be brief",
-        reply_options={"model": "openai/fake", "temperature": 0.5},
-        open_reply="openai/default",
-    )
-    assert stored is not None
-    conv, message, created = stored.conversation, stored.message, stored.created
-    assert created
-    assumed = store.opening_turn(stored)
-    read = await store.waiting_turn(conv.id)
-    assert read is not None
-    assert read.message.id == assumed.message.id == message.id
-    assert read.message.reply_options == assumed.message.reply_options
-    assert read.context == assumed.context
-    assert read.reply is not None and assumed.reply is not None
-    assert read.reply.id == assumed.reply.id
-    for name in ("id", "owner", "system_prompt", "model", "temperature", "answered_seq"):
-        assert getattr(read.conversation, name) == getattr(assumed.conversation, name), name
-
-
-async def test_a_new_conversations_reply_row_is_stored_with_its_message(store: Store) -> None:
-    """`open_reply` stores the reply's row in the message's transaction, at the next seq, and
-    the conversation's counter agrees with both rows (the next message takes seq 3)."""
-    stored = await store.add_user_message(
-        owner="u", conversation_id=None, content="hi", client_msg_id="m1", open_reply="openai/x"
-    )
-    assert stored is not None and stored.created and stored.reply is not None
-    assert (stored.message.seq, stored.reply.seq) == (1, 2)
-    assert stored.conversation.last_seq == 2
-    page, _more = await store.messages(stored.conversation.id)
-    assert [(m.id, m.role, m.status, m.model) for m in page] == [
-        (stored.message.id, "user", "complete", None),
-        (stored.reply.id, "assistant", "streaming", "openai/x"),
-    ]
-    assert store.opening_turn(stored).reply is stored.reply
-    # A retry of the same send opens nothing more.
-    again = await store.add_user_message(
-        owner="u", conversation_id=None, content="hi", client_msg_id="m1", open_reply="openai/x"
-    )
-    assert again is not None and not again.created and again.reply is None
-    later = await store.add_user_message(
-        owner="u", conversation_id=stored.conversation.id, content="next", client_msg_id=None
-    )
-    assert later is not None and later.message.seq == 3
-    assert await store.count_messages(stored.conversation.id) == 3
-
-
-async def test_a_follow_up_opens_its_reply_only_when_nothing_older_waits(store: Store) -> None:
-    """A follow-up is stored with its reply's row, and its context read, in one transaction, but
-    only when every older message is answered; the row is the one `waiting_turn` then reads."""
+async def test_start_reply_opens_the_oldest_waiting_message_with_its_context(
+    store: Store,
+) -> None:
+    """`start_reply` reads the oldest unanswered message, its context (nothing queued after
+    it), and stores the reply's row at the next seq, with the message's or conversation's
+    model; `open_turn` does the same for a later turn of that reply."""
     first = await store.add_user_message(
         owner="u", conversation_id=None, content="one", client_msg_id=None, model="openai/a"
     )
-    assert first is not None and first.reply is None
+    assert first is not None
     conv_id = first.conversation.id
-    # Message 1 still waits: message 2 must wait behind it, with no row of its own yet.
     second = await store.add_user_message(
-        owner="u", conversation_id=conv_id, content="two", client_msg_id=None, open_reply="d"
+        owner="u",
+        conversation_id=conv_id,
+        content="two",
+        client_msg_id=None,
+        reply_options={"model": "openai/b"},
     )
-    assert second is not None and second.reply is None and second.context is None
-    row = await store.add_message(conversation_id=conv_id, role="assistant", content="ans")
-    await store.mark_answered(conv_id, 2)  # both answered (the reply covers them here)
-    third = await store.add_user_message(
-        owner="u", conversation_id=conv_id, content="three", client_msg_id=None, open_reply="d"
-    )
-    assert third is not None and third.reply is not None and third.context is not None
-    assert (third.message.seq, third.reply.seq) == (4, 5)
-    assert third.reply.model == "openai/a"  # the conversation's model, not the default
-    assert [(c.role, c.content) for c in third.context] == [
-        ("user", "one"),
-        ("user", "two"),
-        ("assistant", "ans"),
-        ("user", "three"),
-    ]
-    assert row.seq == 3
-    read = await store.waiting_turn(conv_id)
-    assert read is not None and read.message.id == third.message.id
-    assert read.reply is not None and read.reply.id == third.reply.id
-    assert read.context == third.context
-    opened = store.opening_turn(third)
-    assert (opened.message.id, opened.context) == (read.message.id, read.context)
-    assert opened.reply is third.reply and opened.conversation.last_seq == 5
+    assert second is not None and second.message.seq == 2
+    started = await store.start_reply(conv_id, default_model="openai/default")
+    assert started is not None and started.message.id == first.message.id
+    assert [(m.role, m.content) for m in started.context] == [("user", "one")]
+    assert (started.row.seq, started.row.status, started.row.model) == (3, "streaming", "openai/a")
+    await store.finish_message(started.row.id, content="ok", status="complete")
+    await store.mark_answered(conv_id, 1)
+    again = await store.start_reply(conv_id, default_model="openai/default")
+    assert again is not None and again.message.id == second.message.id
+    assert [m.content for m in again.context] == ["one", "two", "ok"]  # in seq order
+    assert again.row.model == "openai/b"  # what the send asked for
+    context, row = await store.open_turn(conv_id, upto_user_seq=2, model="openai/b")
+    assert [m.content for m in context] == ["one", "two", "ok"]  # not the streaming row
+    assert row.seq == again.row.seq + 1
+    await store.mark_answered(conv_id, 2)
+    assert await store.start_reply(conv_id, default_model="openai/default") is None
 
 
 async def test_rows_handed_out_match_the_stored_rows(store: Store) -> None:

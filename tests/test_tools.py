@@ -17,7 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
-from cortex.builtin_tools import MAX_EXPRESSION_CHARS, MAX_INT_BITS, calculator, current_time
 from cortex.tools import (
     Tool,
     ToolRegistry,
@@ -28,6 +27,7 @@ from cortex.tools import (
     parse_arguments,
     tool,
 )
+from cortex.tools.builtin import MAX_EXPRESSION_CHARS, MAX_INT_BITS, calculator, current_time
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

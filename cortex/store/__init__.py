@@ -1,6 +1,6 @@
 """Persistence: SQLAlchemy 2 async tables, the engine, and every query Cortex runs."""
 
-from .db import make_engine, migrate
+from .engine import make_engine, migrate
 from .repo import Store
 from .tokens import TokenStore
 

@@ -10,7 +10,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from .models import Token, utcnow
-from .repo import StoreError
+from .statements import StoreError
 from .timing import Observer, timed
 
 

@@ -17,7 +17,7 @@ from typing import TypeVar
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
-from .db import sqlite_thread_engine
+from .engine import sqlite_thread_engine
 
 T = TypeVar("T")
 

@@ -76,6 +76,27 @@ export class Sidebar {
     this.render();
   }
 
+  /** A conversation's new state (a `conversation` event: renamed, configured, titled). */
+  update(id, conv) {
+    const item = this.items.find((c) => c.id === id);
+    if (!item) return;
+    Object.assign(item, conv, { id });
+    // In place: a rename or configure does not move a conversation, and focus stays put.
+    const link = this.list.querySelector(`a[data-id="${CSS.escape(id)}"]`);
+    if (link) {
+      link.title = item.title || "";
+      link.querySelector(".conv-title").textContent = item.title || "Untitled";
+    }
+    for (const fn of this.listeners) fn();
+  }
+
+  /** A conversation was deleted. */
+  remove(id) {
+    const count = this.items.length;
+    this.items = this.items.filter((c) => c.id !== id);
+    if (this.items.length !== count) this.render();
+  }
+
   setActive(id) {
     this.activeId = id;
     for (const a of this.list.querySelectorAll("a[data-id]")) {

@@ -10,7 +10,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from cortex.config import Settings
-from cortex.store.db import refuse_unknown_revisions
+from cortex.store.engine import refuse_unknown_revisions
 from cortex.store.models import Base
 
 target_metadata = Base.metadata

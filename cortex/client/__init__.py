@@ -1,0 +1,1 @@
+"""`cortex chat`: the terminal client."""

@@ -1,0 +1,179 @@
+"""The slash commands of `cortex chat` (`/help` lists them)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from .view import Transcript
+
+if TYPE_CHECKING:
+    from .chat import ChatClient
+
+HISTORY_LINES = 20
+HELP = """commands:
+  /new             start a new conversation (with your next message)
+  /list            your conversations, newest first
+  /open ID|N       open a conversation by id (or its number in /list) and show its end
+  /history [N]     the last N messages of this conversation (default 20)
+  /cancel          stop the reply in progress (or press Ctrl+C)
+  /model [NAME]    show or set the model (of this conversation, or of the next new one)
+  /rename TITLE    rename this conversation
+  /delete          delete this conversation and its messages
+  /help            this list
+  /quit            leave (or Ctrl+D; Ctrl+C twice)
+A line starting with // sends the rest of it, starting with /."""
+
+
+class Commands:
+    def __init__(self, client: ChatClient) -> None:
+        self.client = client
+        self.table: dict[str, Callable[[str], Awaitable[None]]] = {
+            "help": self.help,
+            "quit": self.leave,
+            "exit": self.leave,
+            "new": self.new,
+            "list": self.list_conversations,
+            "open": self.open,
+            "history": self.history,
+            "cancel": self.cancel,
+            "model": self.model,
+            "rename": self.rename,
+            "delete": self.delete,
+        }
+
+    async def run(self, line: str) -> None:
+        """Run a command line, or send the line as a message."""
+        client = self.client
+        if line.startswith("//"):
+            await client.send_message(line[1:])
+            return
+        if not line.startswith("/"):
+            if line.strip():
+                await client.send_message(line)
+            return
+        name, _, argument = line[1:].partition(" ")
+        handler = self.table.get(name.lower())
+        if handler is None:
+            client.screen.note(f"unknown command /{name}; /help lists them")
+            return
+        await handler(argument.strip())
+
+    async def help(self, _argument: str) -> None:
+        self.client.screen.note(HELP)
+
+    async def leave(self, _argument: str) -> None:
+        self.client.quit()
+
+    async def new(self, _argument: str) -> None:
+        client = self.client
+        if client.conversation_id is not None:
+            await client.request({"type": "unsubscribe", "conversation_id": client.conversation_id})
+        client.leave_conversation()
+        client.screen.note("(new conversation: your next message starts it)")
+
+    async def list_conversations(self, _argument: str) -> None:
+        client = self.client
+        page = await client.request({"type": "conversations", "limit": 20})
+        if page is None:
+            return
+        client.listing = page.get("items", [])
+        if not client.listing:
+            client.screen.note("(no conversations yet)")
+        for number, item in enumerate(client.listing, start=1):
+            mark = "*" if item["id"] == client.conversation_id else " "
+            model = item.get("model") or "default model"
+            title = item.get("title") or "(untitled)"
+            client.screen.line(f"{mark}{number:>3}. {title}  [{model}]  {item['id']}")
+        if page.get("has_more"):
+            client.screen.note("  (older conversations not shown)")
+
+    def _resolve(self, argument: str) -> str:
+        listing = self.client.listing
+        if argument.isdigit() and 1 <= int(argument) <= len(listing):
+            return str(listing[int(argument) - 1]["id"])
+        matches = [item["id"] for item in listing if str(item["id"]).startswith(argument)]
+        return str(matches[0]) if len(matches) == 1 else argument
+
+    async def open(self, argument: str) -> None:
+        client = self.client
+        if not argument:
+            client.screen.note("usage: /open ID (or a number from /list)")
+            return
+        target = self._resolve(argument)
+        page = await client.request(
+            {"type": "history", "conversation_id": target, "limit": HISTORY_LINES}
+        )
+        if page is None:
+            return
+        if client.conversation_id is not None and client.conversation_id != target:
+            await client.request({"type": "unsubscribe", "conversation_id": client.conversation_id})
+        client.leave_conversation()
+        client.conversation_id = target
+        client.info = next((item for item in client.listing if item["id"] == target), None)
+        client.screen.note(f"— {(client.info or {}).get('title') or target} —")
+        if page.get("has_more"):
+            client.screen.note(f"  (older messages: /history {HISTORY_LINES * 5})")
+        client.transcript.history(page.get("messages", []))
+        await client.send_frame(
+            {
+                "type": "subscribe",
+                "conversation_id": target,
+                "after_seq": client.transcript.last_seq,
+            }
+        )
+
+    async def history(self, argument: str) -> None:
+        client = self.client
+        if client.conversation_id is None:
+            client.screen.note("(no conversation open: /list, then /open)")
+            return
+        limit = min(int(argument), 200) if argument.isdigit() and int(argument) else HISTORY_LINES
+        page = await client.request(
+            {"type": "history", "conversation_id": client.conversation_id, "limit": limit}
+        )
+        if page is not None:
+            messages = page.get("messages", [])
+            client.screen.note(f"— the last {len(messages)} messages —")
+            Transcript(client.screen).history(messages)  # a printout: the live state is kept
+
+    async def cancel(self, _argument: str) -> None:
+        client = self.client
+        if client.conversation_id is None or not client.transcript.replying:
+            client.screen.note("(no reply in progress)")
+            return
+        await client.request({"type": "cancel", "conversation_id": client.conversation_id})
+
+    async def model(self, argument: str) -> None:
+        client = self.client
+        if not argument:
+            current = (client.info or {}).get("model") if client.conversation_id else client.model
+            client.screen.note(f"model: {current or 'the server default'}")
+            return
+        model = None if argument in ("default", "-") else argument
+        if client.conversation_id is None:
+            client.model = model
+            client.screen.note(f"(the next new conversation uses {model or 'the default model'})")
+            return
+        answer = await client.request(
+            {"type": "configure", "conversation_id": client.conversation_id, "model": model}
+        )
+        if answer is not None:
+            client.screen.note(f"(this conversation now uses {model or 'the default model'})")
+
+    async def rename(self, argument: str) -> None:
+        client = self.client
+        if client.conversation_id is None or not argument:
+            client.screen.note("usage: /rename TITLE, in an open conversation")
+            return
+        await client.request(
+            {"type": "rename", "conversation_id": client.conversation_id, "title": argument}
+        )
+
+    async def delete(self, _argument: str) -> None:
+        client = self.client
+        if client.conversation_id is None:
+            client.screen.note("(no conversation open)")
+            return
+        if await client.request({"type": "delete", "conversation_id": client.conversation_id}):
+            client.leave_conversation()  # the `conversation` {deleted} event said so already

@@ -1,0 +1,318 @@
+"""LlmService: every model call goes through `litellm.acompletion`, streaming or not.
+
+`stream()` yields typed events (`TextDelta`, `ToolCalls`, `UsageInfo`, `Finish`); LiteLLM's
+objects and exceptions are turned into Cortex's in `boundary`. The built-in mock model uses
+LiteLLM's own `mock_response`, so it takes the same streaming path as a provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Any
+
+from ..config import MOCK_MODEL, Settings
+from ..errors import CortexError, ProviderTimeout
+from .boundary import bound_chunk_history, close_stream, load_litellm, map_error, merge_tool_call
+from .events import (
+    Completion,
+    Finish,
+    Messages,
+    StreamEvent,
+    TextDelta,
+    ToolCall,
+    ToolCalls,
+    UsageInfo,
+)
+from .mock import MOCK_LITELLM_MODEL, mock_reply
+from .silence import SilenceTimer
+
+# The share of a model's input window a trimmed history may fill (LiteLLM's default ratio).
+TRIM_RATIO = 0.75
+# More than any tokenizer spends on one message's role and separators, or on priming the reply.
+_TOKENS_PER_MESSAGE = 16
+
+
+def _most_tokens(messages: Messages) -> int:
+    """An upper bound of the messages' tokens: every token covers at least one UTF-8 byte."""
+    total = _TOKENS_PER_MESSAGE
+    for message in messages:
+        total += _TOKENS_PER_MESSAGE
+        for key in ("content", "tool_calls", "name", "tool_call_id"):
+            value = message.get(key)
+            if value:
+                text = value if isinstance(value, str) else json.dumps(value)
+                total += len(text.encode())
+    return total
+
+
+# The seed design's config keys, and the settings they stand for.
+_SEED_KEYS = {"default_model": "default_model", "use_mock": "use_mock", "timeout": "llm_timeout"}
+
+
+def settings_from(config: Settings | Mapping[str, Any] | None) -> Settings:
+    """`Settings` from what `LlmService` accepts: `Settings`, the seed's dict, or `None`.
+
+    A dict takes the seed's keys (`default_model`, `use_mock`, `timeout`) and any `Settings`
+    field by name; what it leaves out comes from the environment, as for `Settings()`.
+    """
+    if isinstance(config, Settings):
+        return config
+    if config is None:
+        return Settings()
+    values: dict[str, Any] = {}
+    for key, value in config.items():
+        name = _SEED_KEYS.get(key, key)
+        if name not in Settings.model_fields:
+            raise ValueError(f"LlmService config: unknown key {key!r}")
+        values[name] = value
+    return Settings(**values)
+
+
+class LlmService:
+    """Model calls through LiteLLM.
+
+    Cortex builds it from its `Settings`; callers written against the seed design may pass the
+    seed's dict (`{"default_model": ..., "use_mock": ..., "timeout": ...}`) or nothing.
+    """
+
+    def __init__(self, config: Settings | Mapping[str, Any] | None = None) -> None:
+        settings = settings_from(config)
+        self.settings = settings
+        self._litellm = load_litellm(remote_cost_map=settings.litellm_remote_cost_map)
+
+    def default_model(self) -> str:
+        return self.settings.model()
+
+    def _kwargs(
+        self,
+        messages: Messages,
+        model: str | None,
+        temperature: float | None,
+        max_tokens: int | None,
+        system_prompt: str | None,
+        tools: Sequence[dict[str, Any]] | None,
+    ) -> dict[str, Any]:
+        s = self.settings
+        chosen = model or self.default_model()
+        full = list(messages)
+        if system_prompt:
+            full.insert(0, {"role": "system", "content": system_prompt})
+        kwargs: dict[str, Any] = {"messages": full, "timeout": s.llm_timeout}
+        if chosen == MOCK_MODEL:
+            kwargs.update(model=MOCK_LITELLM_MODEL, mock_response=mock_reply(full))
+        else:
+            kwargs.update(model=chosen, num_retries=s.num_retries)
+            if s.llm_api_base:
+                kwargs["api_base"] = s.llm_api_base
+            if s.llm_api_key:
+                kwargs["api_key"] = s.llm_api_key
+            if s.fallback_models:
+                kwargs["fallbacks"] = list(s.fallback_models)
+        temperature = s.temperature if temperature is None else temperature
+        if temperature is not None:
+            kwargs["temperature"] = temperature
+        max_tokens = s.max_tokens if max_tokens is None else max_tokens
+        if max_tokens is not None:
+            kwargs["max_tokens"] = max_tokens
+        if tools:
+            kwargs["tools"] = list(tools)
+        return kwargs
+
+    async def stream(
+        self,
+        messages: Messages,
+        *,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        system_prompt: str | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """Stream one model turn: text deltas, then tool calls, usage and the finish reason."""
+        kwargs = self._kwargs(messages, model, temperature, max_tokens, system_prompt, tools)
+        kwargs.update(stream=True, stream_options={"include_usage": True})
+        model_name = kwargs["model"]
+        idle = self.settings.stream_idle_timeout
+        loop = asyncio.get_running_loop()
+        calls: dict[int, list[str]] = {}  # index -> [id, name, arguments]
+        finish: str | None = None
+        usage: Any = None
+        response: Any = None
+        try:
+            async with asyncio.timeout(loop.time() + self.settings.llm_timeout) as first:
+                response = await self._litellm.acompletion(**kwargs)
+            bound_chunk_history(response)
+            # Only the wait for the next chunk is timed: a stall between chunks ends the reply.
+            async with asyncio.timeout(None) as stall_scope:
+                silence = SilenceTimer(stall_scope, idle)
+                iterator = response.__aiter__()
+                while True:
+                    silence.arm()
+                    try:
+                        chunk = await iterator.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        silence.disarm()
+                    if getattr(chunk, "usage", None) is not None:
+                        usage = chunk.usage
+                    if not chunk.choices:
+                        continue
+                    choice = chunk.choices[0]
+                    delta = choice.delta
+                    if delta is not None:
+                        text = delta.content
+                        if text:
+                            yield TextDelta(text)
+                        for call in delta.tool_calls or ():
+                            merge_tool_call(calls, call)
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+        except TimeoutError as exc:
+            raise ProviderTimeout(
+                "the model did not answer in time"
+                if response is None or first.expired()
+                else f"the model stalled for more than {idle:g} s"
+            ) from exc
+        except CortexError:
+            raise
+        except Exception as exc:
+            raise map_error(exc) from exc
+        finally:
+            if response is not None:
+                await close_stream(response)
+        if calls:
+            yield ToolCalls(
+                tuple(
+                    ToolCall(id=c[0] or f"call_{i}", name=c[1], arguments=c[2] or "{}")
+                    for i, c in sorted(calls.items())
+                )
+            )
+        if usage is not None:
+            yield self._usage(model_name, usage)
+        yield Finish(finish)
+
+    async def complete(
+        self,
+        messages: Messages,
+        *,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        system_prompt: str | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> Completion:
+        """One whole answer (no streaming), with its tool calls and usage."""
+        kwargs = self._kwargs(messages, model, temperature, max_tokens, system_prompt, tools)
+        try:
+            response = await self._litellm.acompletion(**kwargs)
+        except Exception as exc:
+            raise map_error(exc) from exc
+        choice = response.choices[0]
+        message = choice.message
+        calls = [
+            ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments or "{}")
+            for c in (getattr(message, "tool_calls", None) or ())
+        ]
+        usage = getattr(response, "usage", None)
+        return Completion(
+            text=message.content or "",
+            tool_calls=calls,
+            usage=self._usage(kwargs["model"], usage) if usage is not None else None,
+            finish_reason=choice.finish_reason,
+        )
+
+    def _usage(self, model: str, usage: Any) -> UsageInfo:
+        prompt = getattr(usage, "prompt_tokens", None)
+        completion = getattr(usage, "completion_tokens", None)
+        cost: float | None = None
+        if prompt is not None and completion is not None:
+            try:
+                prompt_cost, completion_cost = self._litellm.cost_per_token(
+                    model=model, prompt_tokens=prompt, completion_tokens=completion
+                )
+                cost = float(prompt_cost + completion_cost)
+            except Exception:  # an unpriced model (local, fake, mock) has no cost
+                cost = None
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost)
+
+    def trim(self, messages: list[dict[str, Any]], model: str | None) -> list[dict[str, Any]]:
+        """Trim the oldest history to the model's context window (LiteLLM's token counting).
+
+        Counting tokens costs the event loop about 4.5 ms per 50 KB of history on every reply,
+        so a history whose bytes alone prove it fits is not counted (a token is never shorter
+        than one byte): only conversations near the window pay for LiteLLM's count.
+        """
+        chosen = model or self.default_model()
+        if chosen == MOCK_MODEL or chosen not in self._litellm.model_cost:
+            return messages
+        window = self._litellm.model_cost[chosen].get("max_input_tokens")
+        if isinstance(window, int) and _most_tokens(messages) < window * TRIM_RATIO:
+            return messages
+        try:
+            trimmed = self._litellm.utils.trim_messages(
+                messages, model=chosen, trim_ratio=TRIM_RATIO
+            )
+        except Exception:
+            return messages
+        return list(trimmed) if isinstance(trimmed, list) else messages
+
+    # ---- the seed design's interface, kept for callers written against it ---------------
+
+    async def get_completion(
+        self,
+        prompt: str,
+        system_prompt: str | None = None,
+        temperature: float = 0.7,
+        max_tokens: int | None = None,
+        model: str | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
+        """Seed interface: one prompt in, the answer text out (errors raise, never return)."""
+        result = await self.complete(
+            [{"role": "user", "content": prompt}],
+            model=model,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            system_prompt=system_prompt,
+            tools=tools,
+        )
+        return result.text
+
+    async def get_streaming_completion(
+        self,
+        prompt: str,
+        system_prompt: str | None = None,
+        temperature: float = 0.7,
+        max_tokens: int | None = None,
+        model: str | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> AsyncGenerator[str, None]:
+        """Seed interface: the answer as text chunks."""
+        async for event in self.stream(
+            [{"role": "user", "content": prompt}],
+            model=model,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            system_prompt=system_prompt,
+            tools=tools,
+        ):
+            if isinstance(event, TextDelta):
+                yield event.text
+
+
+_shared_service: LlmService | None = None
+
+
+def get_llm_service(config: Settings | Mapping[str, Any] | None = None) -> LlmService:
+    """The seed design's accessor: one shared `LlmService`, rebuilt when a config is given.
+
+    Kept for scripts written against the seed. Cortex's server never calls it: it builds its
+    service from its settings and passes it down.
+    """
+    global _shared_service
+    if _shared_service is None or config is not None:
+        _shared_service = LlmService(config)
+    return _shared_service

@@ -1,0 +1,1 @@
+"""What an operator sees: logs (tokens scrubbed), metrics, and per-reply telemetry."""

@@ -1,0 +1,1 @@
+"""From a user message to a stored, streamed reply: intake, workers, replies, tools, reads."""

@@ -1,0 +1,93 @@
+"""A whole conversation as a file: JSON (everything, for machines) or Markdown (for people).
+
+Served at `GET /api/conversations/{id}/export?format=json|md` as an attachment.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from ..protocol import MessageView
+from .views import ConversationRow, MessageRow, conversation_view, iso, message_view
+
+FORMATS = ("json", "md")
+EXPORT_VERSION = "cortex.conversation.v1"
+_ROLE_NAMES = {"user": "User", "assistant": "Assistant", "tool": "Tool", "system": "System"}
+
+
+def export_json(conv: ConversationRow, rows: Sequence[MessageRow]) -> bytes:
+    payload: dict[str, Any] = {
+        "format": EXPORT_VERSION,
+        "exported_at": iso(datetime.now(UTC)),
+        "conversation": conversation_view(conv).model_dump(mode="json", exclude_none=True),
+        "messages": [message_view(row).model_dump(mode="json", exclude_none=True) for row in rows],
+    }
+    return json.dumps(payload, ensure_ascii=False, indent=2).encode()
+
+
+def export_markdown(conv: ConversationRow, rows: Sequence[MessageRow]) -> bytes:
+    view = conversation_view(conv)
+    lines = [f"# {view.title or 'Untitled conversation'}", ""]
+    lines.append(f"- Conversation: `{view.id}`")
+    lines.append(f"- Created: {view.created_at}")
+    if view.model:
+        lines.append(f"- Model: {view.model}")
+    if view.temperature is not None:
+        lines.append(f"- Temperature: {view.temperature:g}")
+    if view.system_prompt:
+        lines.append("- System prompt:")
+        lines.extend(f"  > {line}" if line else "  >" for line in view.system_prompt.splitlines())
+    lines.append("")
+    for row in rows:
+        lines.extend(_message_markdown(message_view(row)))
+    return ("\n".join(lines).rstrip() + "\n").encode()
+
+
+def _message_markdown(message: MessageView) -> list[str]:
+    heading = f"## {_ROLE_NAMES.get(message.role, message.role.title())}"
+    notes = []
+    if message.model and message.role == "assistant":
+        notes.append(message.model)
+    if message.status != "complete":
+        notes.append(message.status)
+    if message.error_code:
+        notes.append(f"error: {message.error_code}")
+    if notes:
+        heading += f" ({', '.join(notes)})"
+    out = [heading, "", f"*{message.created_at}*", ""]
+    if message.role == "tool":
+        out.extend([_fence(message.content, "json"), ""])
+    elif message.content:
+        out.extend([message.content, ""])
+    for call in message.tool_calls or ():
+        function = call.get("function", {})
+        name = function.get("name", "?")
+        out.extend([f"Tool call `{name}`:", "", _fence(str(function.get("arguments", "")))])
+        out.append("")
+    return out
+
+
+def _fence(text: str, language: str = "") -> str:
+    """A code block whose fence is longer than any run of backticks inside it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text}\n{fence}"
+
+
+def filename(conv: ConversationRow, fmt: str) -> str:
+    """`cortex-<title words>-<id start>.<fmt>`: ASCII only, safe in a header."""
+    slug = re.sub(r"[^a-z0-9]+", "-", conv.title.lower()).strip("-")[:40].strip("-")
+    stem = f"cortex-{slug}-{conv.id[:8]}" if slug else f"cortex-{conv.id[:8]}"
+    return f"{stem}.{fmt}"
+
+
+def content_type(fmt: str) -> str:
+    return "application/json" if fmt == "json" else "text/markdown; charset=utf-8"
+
+
+def render(conv: ConversationRow, rows: Sequence[MessageRow], fmt: str) -> bytes:
+    return export_json(conv, rows) if fmt == "json" else export_markdown(conv, rows)

@@ -1,0 +1,141 @@
+"""A `send` in: checked, stored, acknowledged, announced, and handed to the conversation's worker.
+
+The message is acknowledged only once it is committed; its reply is the workers' business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+from ..config import Settings
+from ..errors import BadFrame, NotFound
+from ..fanout.hub import Hub, Subscriber
+from ..ops.telemetry import Telemetry
+from ..protocol import Ack, Send
+from .live import Live
+from .views import message_event
+from .workers import Workers
+
+if TYPE_CHECKING:
+    from ..store.repo import Store
+
+
+class Intake:
+    """Stores user messages and queues their replies."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        hub: Hub,
+        live: Live,
+        workers: Workers,
+        tool_names: frozenset[str],
+        telemetry: Telemetry,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.hub = hub
+        self.live = live
+        self.workers = workers
+        self.tool_names = tool_names
+        self.telemetry = telemetry
+
+    async def send(self, owner: str, frame: Send, client: Subscriber) -> None:
+        """Store a user message, ack it, announce it, and queue its reply."""
+        model = frame.model
+        if model is not None and not self.settings.is_model_allowed(model):
+            raise BadFrame(f"model {model!r} is not enabled on this server")
+        tools = tuple(frame.tools) if frame.tools is not None else None
+        unknown = [name for name in tools or () if name not in self.tool_names]
+        if unknown:
+            raise BadFrame(f"unknown tools: {', '.join(unknown)}")
+        with self.workers.accepting():  # Unavailable once the server is shutting down
+            await self._store(owner, frame, client, model, tools)
+
+    async def _store(
+        self,
+        owner: str,
+        frame: Send,
+        client: Subscriber,
+        model: str | None,
+        tools: tuple[str, ...] | None,
+    ) -> None:
+        connection_id = getattr(client, "id", None)
+        lock: contextlib.AbstractAsyncContextManager[Any]
+        if frame.conversation_id:
+            # Replies to earlier messages may come from another process: listen first.
+            await self.hub.watch(frame.conversation_id)
+            lock = self.live.lock(frame.conversation_id)
+        elif frame.client_msg_id:
+            # Two connections retrying one new-conversation send must not create two.
+            lock = self.live.lock(f"new:{owner}:{frame.client_msg_id}")
+        else:
+            lock = contextlib.nullcontext()
+        async with lock:
+            stored = await self.store.add_user_message(
+                owner=owner,
+                conversation_id=frame.conversation_id,
+                content=frame.content,
+                client_msg_id=frame.client_msg_id,
+                model=model,
+                system_prompt=frame.system_prompt,
+                temperature=frame.temperature,
+                reply_options=reply_options(
+                    model,
+                    tools,
+                    frame.temperature,
+                    request_id=frame.request_id,
+                    connection_id=connection_id,
+                ),
+            )
+            if stored is None:
+                raise NotFound("no such conversation")
+            conv, message = stored.conversation, stored.message
+            self.hub.subscribe(conv.id, client)
+            client.deliver(
+                Ack(
+                    conversation_id=conv.id,
+                    message_id=message.id,
+                    seq=message.seq,
+                    request_id=frame.request_id,
+                ).encode()
+            )
+            if not stored.created:
+                return  # an idempotent retry: acknowledged again, nothing else
+            self.hub.publish(conv.id, message_event(message))
+        if frame.conversation_id is None:
+            await self.hub.watch(conv.id)
+        self.telemetry.message_stored(
+            user=owner,
+            conversation_id=conv.id,
+            seq=message.seq,
+            content=frame.content,
+            created=frame.conversation_id is None,
+            request_id=frame.request_id,
+            connection_id=connection_id,
+        )
+        # Accepted before any shutdown began: its reply is seen through even if one has since.
+        self.workers.kick(conv.id, owed_seq=message.seq)
+
+
+def reply_options(
+    model: str | None,
+    tools: tuple[str, ...] | None,
+    temperature: float | None,
+    *,
+    request_id: str | None,
+    connection_id: int | None,
+) -> dict[str, Any]:
+    """What a `send` asked of its reply, kept with the message for whichever process answers
+    (with the request and connection that asked, so that its log lines name them)."""
+    options = {
+        "model": model,
+        "tools": list(tools) if tools is not None else None,
+        "temperature": temperature,
+        "request_id": request_id,
+        "connection_id": connection_id,
+    }
+    return {name: value for name, value in options.items() if value is not None}

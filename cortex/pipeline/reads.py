@@ -1,0 +1,214 @@
+"""What clients read: subscribe with catch-up, resync after an outage, history, conversations.
+
+The WebSocket and the HTTP API read through here alike, so both show a streaming reply's live
+text (not its last checkpoint). A conversation that is not the caller's is `not_found`, exactly
+like one that does not exist.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from ..config import Settings
+from ..errors import NotFound
+from ..fanout.hub import Hub, Subscriber
+from ..protocol import (
+    Ack,
+    ConversationsPage,
+    ConversationView,
+    DeltaFrame,
+    HistoryPage,
+    MessageView,
+    Typing,
+    delta_frame,
+)
+from .live import Live
+from .views import conversation_view, message_event, message_view
+
+if TYPE_CHECKING:
+    from ..fanout.leases import RedisLeases
+    from ..store.models import Conversation, Message
+    from ..store.repo import Store
+
+CATCH_UP_PAGE = 200
+EXPORT_PAGE = 500
+
+
+class Reads:
+    """Every read a client makes, with the live state of replies streaming in this process."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        hub: Hub,
+        live: Live,
+        leases: RedisLeases | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.hub = hub
+        self.live = live
+        self.leases = leases
+
+    async def conversation(self, owner: str, conversation_id: str) -> Conversation:
+        conv = await self.store.get_conversation(conversation_id, owner=owner)
+        if conv is None:
+            raise NotFound("no such conversation")
+        return conv
+
+    async def subscribe(
+        self,
+        owner: str,
+        conversation_id: str,
+        after_seq: int | None,
+        client: Subscriber,
+        request_id: str | None = None,
+    ) -> None:
+        """Catch up from `after_seq`, then the reply in progress so far, then live events.
+
+        Events published while the catch-up reads the database wait in a buffer and follow
+        it, so nothing falls between the two, whichever process publishes them.
+        """
+        await self.conversation(owner, conversation_id)
+        buffer = CatchUpBuffer()
+        self.hub.subscribe(conversation_id, buffer)  # before anything is read
+        try:
+            await self.hub.watch(conversation_id)
+            if after_seq is not None:
+                cursor = after_seq
+                while True:
+                    rows, more = await self.store.messages(
+                        conversation_id, after_seq=cursor, limit=CATCH_UP_PAGE
+                    )
+                    for row in rows:
+                        streaming = row.status == "streaming"
+                        client.deliver(message_event(row, content="" if streaming else None))
+                    if not more or not rows:
+                        break
+                    cursor = rows[-1].seq
+            if await self.replying(conversation_id):
+                client.deliver(Typing(conversation_id=conversation_id, active=True).encode())
+            self.hub.flush(conversation_id)  # joined deltas not yet out land in the buffer
+            message_id, text = await self._text_so_far(conversation_id)
+            if text:
+                client.deliver(delta_frame(conversation_id, message_id, 0, text))
+        except BaseException:
+            self.hub.unsubscribe(conversation_id, buffer)
+            raise
+        # From here on no await: the buffer hands over to the client in one step.
+        self.hub.unsubscribe(conversation_id, buffer)
+        self.hub.subscribe(conversation_id, client)
+        buffer.replay(client, message_id, len(text))
+        # The ack closes the catch-up: everything after it is live.
+        client.deliver(Ack(conversation_id=conversation_id, request_id=request_id).encode())
+
+    async def resync(self, conversation_id: str, since: datetime) -> None:
+        """Events of the conversation may have been lost since `since` (Redis was away): hand
+        this process's subscribers every message that changed meanwhile, and the typing state.
+        A reply still streaming goes on at offsets past what they have: they resubscribe."""
+        deliver = self.hub.deliver_local
+        for row in await self.store.messages_changed_since(conversation_id, since):
+            deliver(conversation_id, message_event(row))
+        active = await self.replying(conversation_id)
+        deliver(conversation_id, Typing(conversation_id=conversation_id, active=active).encode())
+
+    async def replying(self, conversation_id: str) -> bool:
+        if conversation_id in self.live.current:  # maybe in a tool, with nothing streaming
+            return True
+        return self.leases is not None and await self.leases.held(conversation_id)
+
+    async def _text_so_far(self, conversation_id: str) -> tuple[str, str]:
+        """(message id, text) of the reply in progress: here, or from the process making it."""
+        active = self.live.active.get(conversation_id)
+        if active is not None:
+            return active.message_id, active.text()
+        if self.leases is None:
+            return "", ""
+        row = await self.store.streaming_message(conversation_id)
+        if row is None:
+            return "", ""
+        text = await self.hub.reply_text(row.id)
+        if text is None or len(text) < len(row.content):
+            text = row.content  # the last checkpoint (Redis lost it, or never had it)
+        return row.id, text
+
+    def view(self, row: Message) -> MessageView:
+        """A stored message as clients see it, with the live text if it is streaming here."""
+        return message_view(row, content=self.live.text_of(row.conversation_id, row.id))
+
+    async def history(
+        self, owner: str, conversation_id: str, *, before_seq: int | None, limit: int
+    ) -> tuple[list[MessageView], bool]:
+        """A page of messages, newest before `before_seq`, in seq order; and whether more."""
+        await self.conversation(owner, conversation_id)
+        rows, more = await self.store.messages(
+            conversation_id, before_seq=before_seq, limit=min(limit, self.settings.history_page_max)
+        )
+        return [self.view(r) for r in rows], more
+
+    async def history_frame(
+        self,
+        owner: str,
+        conversation_id: str,
+        *,
+        before_seq: int | None,
+        limit: int,
+        request_id: str | None = None,
+    ) -> str:
+        views, more = await self.history(owner, conversation_id, before_seq=before_seq, limit=limit)
+        return HistoryPage.model_construct(
+            conversation_id=conversation_id, messages=views, has_more=more, request_id=request_id
+        ).encode()
+
+    async def conversations(
+        self, owner: str, *, before: str | None, limit: int
+    ) -> tuple[list[ConversationView], bool]:
+        rows, more = await self.store.conversations(owner=owner, before=before, limit=limit)
+        return [conversation_view(r) for r in rows], more
+
+    async def conversations_frame(
+        self, owner: str, *, before: str | None, limit: int, request_id: str | None = None
+    ) -> str:
+        items, more = await self.conversations(owner, before=before, limit=limit)
+        return ConversationsPage.model_construct(
+            items=items, has_more=more, request_id=request_id
+        ).encode()
+
+    async def everything(
+        self, owner: str, conversation_id: str
+    ) -> tuple[Conversation, list[Message]]:
+        """The conversation and all its messages in seq order (an export)."""
+        conv = await self.conversation(owner, conversation_id)
+        rows: list[Message] = []
+        while True:
+            page, more = await self.store.messages(
+                conversation_id, after_seq=rows[-1].seq if rows else 0, limit=EXPORT_PAGE
+            )
+            rows.extend(page)
+            if not more or not page:
+                return conv, rows
+
+
+class CatchUpBuffer:
+    """Stands in for a subscribing client while its catch-up is read from the database."""
+
+    def __init__(self) -> None:
+        self.frames: list[str] = []
+
+    def deliver(self, frame: str) -> None:
+        self.frames.append(frame)
+
+    def replay(self, client: Subscriber, message_id: str, have: int) -> None:
+        """Hand the buffered events on, minus the reply text the catch-up already gave."""
+        for frame in self.frames:
+            if isinstance(frame, DeltaFrame) and frame.message_id == message_id:
+                end = frame.offset + len(frame.text)
+                if end <= have:
+                    continue
+                if frame.offset < have:
+                    cut = have - frame.offset
+                    frame = delta_frame(frame.conversation_id, message_id, have, frame.text[cut:])
+            client.deliver(frame)

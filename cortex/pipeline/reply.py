@@ -1,0 +1,278 @@
+"""One reply: its plan, its model turns (streamed, checkpointed, stored), tools between them.
+
+A turn streams into a row the workers (or the tool loop) stored with the turn's context, in one
+transaction; the model is called as soon as that returns. Deltas go to the hub at their exact
+character offsets, and the text is checkpointed beside the stream, so a slow database write
+never becomes a gap in the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..config import Settings
+from ..errors import CortexError, Internal
+from ..fanout.hub import Hub
+from ..llm.events import Finish, LlmBackend, TextDelta, ToolCall, ToolCalls, UsageInfo
+from ..ops.telemetry import ReplyTrace, Telemetry
+from ..protocol import ErrorEvent, Typing
+from .live import ActiveReply, Live, PendingReply
+from .tool_loop import ToolLoop
+from .views import message_event, openai_messages
+
+if TYPE_CHECKING:
+    from ..store.models import Conversation, Message
+    from ..store.repo import ContextMessage, StartedReply, Store
+
+log = logging.getLogger("cortex.router")
+
+# How long one reply may read chunks that are already buffered before the other tasks get the
+# loop. Longer: fewer, larger frames; shorter: a loaded process starts new replies sooner.
+STREAM_SLICE_S = 0.01
+# ...and with many replies at once, slices short enough that all of them together hold the loop
+# for at most this long: every reply gets a turn (and every socket a read) within about a second,
+# well inside a stall timeout (bench/soak.py).
+STREAM_ROUND_S = 1.0
+
+
+@dataclass(slots=True)
+class Plan:
+    """How one reply is generated: settled once, when it starts."""
+
+    model: str
+    system_prompt: str
+    temperature: float | None
+    specs: list[dict[str, Any]]
+    trace: ReplyTrace
+
+
+@dataclass(slots=True)
+class TurnResult:
+    message_id: str
+    text: str = ""
+    calls: tuple[ToolCall, ...] = ()
+    usage: UsageInfo | None = None
+    finish: str | None = None
+
+
+class Replies:
+    """Generates replies: model turns into stored rows, with the tool loop between them."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        hub: Hub,
+        llm: LlmBackend,
+        live: Live,
+        tool_loop: ToolLoop,
+        telemetry: Telemetry,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.hub = hub
+        self.llm = llm
+        self.live = live
+        self.tool_loop = tool_loop
+        self.telemetry = telemetry
+
+    def plan(self, conv: Conversation, pending: PendingReply) -> Plan:
+        model = pending.model or conv.model or self.llm.default_model()
+        temperature = pending.temperature
+        return Plan(
+            model=model,
+            system_prompt=conv.system_prompt or self.settings.system_prompt,
+            temperature=temperature if temperature is not None else conv.temperature,
+            specs=self.tool_loop.specs(pending.tools),
+            trace=self.telemetry.reply(
+                conversation_id=conv.id,
+                model=model,
+                user_seq=pending.seq,
+                request_id=pending.request_id,
+                connection_id=pending.connection_id,
+            ),
+        )
+
+    async def answer(self, started: StartedReply, pending: PendingReply) -> None:
+        """See a started reply through: its turns, the tools between them, typing off."""
+        conversation_id = started.conversation.id
+        plan = self.plan(started.conversation, pending)
+        try:
+            context, row = started.context, started.row
+            rounds = 0
+            while True:
+                result = await self._turn(conversation_id, pending, plan, context, row)
+                if not result.calls or pending.stopped:
+                    return
+                rounds += 1
+                await self.tool_loop.run(
+                    conversation_id, result.message_id, result.calls, pending.tools, plan.trace
+                )
+                if rounds >= self.settings.max_tool_rounds:
+                    await self.tool_loop.limit_reached(conversation_id, plan.model)
+                    plan.trace.failed("tool_error")
+                    return
+                async with self.live.lock(conversation_id):
+                    context, row = await self.store.open_turn(
+                        conversation_id, upto_user_seq=pending.seq, model=plan.model
+                    )
+                    self.hub.publish(conversation_id, message_event(row))
+        finally:
+            self.hub.publish(
+                conversation_id, Typing(conversation_id=conversation_id, active=False).encode()
+            )
+            plan.trace.end()
+
+    async def _turn(
+        self,
+        conversation_id: str,
+        pending: PendingReply,
+        plan: Plan,
+        context: list[ContextMessage],
+        row: Message,
+    ) -> TurnResult:
+        """One model turn into one assistant row: streamed, checkpointed, then finalised."""
+        active = ActiveReply(message_id=row.id, seq=row.seq)
+        self.live.active[conversation_id] = active
+        result = TurnResult(message_id=row.id)
+        status, error = "complete", None
+        try:
+            if pending.stopped:
+                raise asyncio.CancelledError  # stopped before it started: nothing to stream
+            messages = self._trim(openai_messages(context), plan.model)
+            stream = asyncio.ensure_future(
+                self._stream(conversation_id, active, result, messages, plan)
+            )
+            pending.interruptible = stream
+            try:
+                await stream
+            finally:
+                pending.interruptible = None
+        except asyncio.CancelledError:
+            status = "interrupted" if pending.interrupted else "cancelled"
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                status = "cancelled" if pending.cancel_requested else "interrupted"
+                raise  # the worker itself is being stopped; the row is still stored below
+            if not pending.stopped:
+                raise
+        except CortexError as exc:
+            status, error = "error", exc
+        except Exception as exc:
+            log.exception("reply stream failed")
+            status, error = "error", Internal("internal error while generating the reply")
+            error.__cause__ = exc
+        finally:
+            if active.checkpoint is not None:
+                # The last checkpoint must land before the final write, never after it.
+                await asyncio.gather(active.checkpoint, return_exceptions=True)
+            result.text = active.text()
+            usage = result.usage
+            plan.trace.turn_finished(
+                status=status,
+                error_code=error.code if error is not None else None,
+                text=result.text,
+                prompt_tokens=usage.prompt_tokens if usage is not None else None,
+                completion_tokens=usage.completion_tokens if usage is not None else None,
+                cost_usd=usage.cost_usd if usage is not None else None,
+            )
+            await self._finish_row(conversation_id, active, result, status, error)
+        return result
+
+    def _trim(self, messages: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
+        trim = getattr(self.llm, "trim", None)
+        return trim(messages, model) if trim is not None else messages
+
+    async def _stream(
+        self,
+        conversation_id: str,
+        active: ActiveReply,
+        result: TurnResult,
+        messages: list[dict[str, Any]],
+        plan: Plan,
+    ) -> None:
+        interval = self.settings.checkpoint_ms / 1000
+        next_checkpoint = time.monotonic() + interval
+        next_yield = 0.0
+        publish = self.hub.publish_delta
+        async for event in self.llm.stream(
+            messages,
+            model=plan.model,
+            system_prompt=plan.system_prompt,
+            temperature=plan.temperature,
+            tools=plan.specs or None,
+        ):
+            if isinstance(event, TextDelta):
+                text = event.text
+                if not active.length:
+                    plan.trace.first_token()
+                publish(conversation_id, active.message_id, active.length, text)
+                active.parts.append(text)
+                active.length += len(text)
+                now = time.monotonic()
+                if now >= next_checkpoint and (
+                    active.checkpoint is None or active.checkpoint.done()
+                ):
+                    # Checkpoints bound what a crash can lose. They run beside the stream (one
+                    # at a time), so a slow database write never becomes a gap in the reply.
+                    active.checkpoint = asyncio.ensure_future(
+                        self.store.update_message(active.message_id, content=active.text())
+                    )
+                    next_checkpoint = now + interval
+                if now >= next_yield:
+                    # Chunks that arrive in a burst are read without the loop running the
+                    # socket writers: give them a turn at the first delta, then after each
+                    # slice of reading (timed from when the turn comes back, so a busy loop
+                    # still joins a burst into few frames).
+                    await asyncio.sleep(0)
+                    replies = len(self.live.active) or 1
+                    next_yield = time.monotonic() + min(STREAM_SLICE_S, STREAM_ROUND_S / replies)
+            elif isinstance(event, ToolCalls):
+                result.calls = event.calls
+            elif isinstance(event, UsageInfo):
+                result.usage = event
+            elif isinstance(event, Finish):
+                result.finish = event.reason
+
+    async def _finish_row(
+        self,
+        conversation_id: str,
+        active: ActiveReply,
+        result: TurnResult,
+        status: str,
+        error: CortexError | None,
+    ) -> None:
+        usage = result.usage
+        fields: dict[str, Any] = {
+            "content": result.text,
+            "status": status,
+            "finish_reason": result.finish if status == "complete" else status,
+            "error_code": error.code if error is not None else None,
+        }
+        if result.calls:
+            fields["tool_calls"] = [call.as_openai() for call in result.calls]
+        if usage is not None:
+            fields.update(
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cost_usd=usage.cost_usd,
+            )
+        async with self.live.lock(conversation_id):
+            # Shielded: a shutdown that cancels the reply must not also cancel storing it.
+            row = await asyncio.shield(self.store.finish_message(active.message_id, **fields))
+            self.live.active.pop(conversation_id, None)
+            if row is not None:
+                self.hub.publish(conversation_id, message_event(row))
+            self.hub.reply_finished(active.message_id)
+        if error is not None:
+            self.hub.publish(
+                conversation_id,
+                ErrorEvent(
+                    code=error.code, message=error.message, conversation_id=conversation_id
+                ).encode(),
+            )

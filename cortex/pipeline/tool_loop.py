@@ -1,0 +1,127 @@
+"""Between two model turns: run the tools the model called, store and announce each result.
+
+Every call of a turn runs concurrently, each bounded by `CORTEX_TOOL_TIMEOUT`; a failed or
+unknown tool is a result the model sees (`ok: false`), never a failed reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..config import Settings
+from ..fanout.hub import Hub
+from ..llm.events import ToolCall, parse_arguments
+from ..ops.telemetry import ReplyTrace
+from ..protocol import ErrorEvent, ToolCallEvent, ToolResultEvent
+from .live import Live
+from .views import message_event
+
+if TYPE_CHECKING:
+    from ..store.repo import Store
+    from ..tools.registry import ToolRegistry, ToolResult
+
+TOOL_LIMIT_TEXT = "I stopped: the limit of {n} tool rounds for one reply was reached."
+
+
+class ToolLoop:
+    """Runs a turn's tool calls and stores their results."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        hub: Hub,
+        live: Live,
+        tools: ToolRegistry | None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.hub = hub
+        self.live = live
+        self.tools = tools
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self.tools.names) if self.tools is not None else frozenset()
+
+    def specs(self, names: tuple[str, ...] | None) -> list[dict[str, Any]]:
+        """The tool specs a reply offers the model (`names`: the send's choice)."""
+        return self.tools.specs(names) if self.tools is not None else []
+
+    async def run(
+        self,
+        conversation_id: str,
+        message_id: str,
+        calls: Sequence[ToolCall],
+        allowed: tuple[str, ...] | None,
+        trace: ReplyTrace,
+    ) -> None:
+        """Run every call of one turn concurrently; store and announce each result."""
+        for call in calls:
+            self.hub.publish(
+                conversation_id,
+                ToolCallEvent(
+                    conversation_id=conversation_id,
+                    message_id=message_id,
+                    call_id=call.id,
+                    name=call.name,
+                    arguments=parse_arguments(call.arguments),
+                ).encode(),
+            )
+        results = await asyncio.gather(*(self._run_one(call, allowed, trace) for call in calls))
+        for call, outcome in zip(calls, results, strict=True):
+            async with self.live.lock(conversation_id):
+                row = await self.store.add_message(
+                    conversation_id=conversation_id,
+                    role="tool",
+                    content=outcome.content(),
+                    tool_call_id=call.id,
+                    status="complete" if outcome.ok else "error",
+                    error_code=None if outcome.ok else "tool_error",
+                )
+                self.hub.publish(
+                    conversation_id,
+                    ToolResultEvent(
+                        conversation_id=conversation_id,
+                        message_id=message_id,
+                        call_id=call.id,
+                        ok=outcome.ok,
+                        result=outcome.result if outcome.ok else None,
+                        error=outcome.error,
+                    ).encode(),
+                )
+                self.hub.publish(conversation_id, message_event(row))
+
+    async def _run_one(
+        self, call: ToolCall, allowed: tuple[str, ...] | None, trace: ReplyTrace
+    ) -> ToolResult:
+        assert self.tools is not None  # a model only calls tools it was given
+        started = time.monotonic()
+        outcome = await self.tools.run(
+            call.name, call.arguments, timeout=self.settings.tool_timeout, allowed=allowed
+        )
+        trace.tool_finished(call.name, outcome.ok, time.monotonic() - started)
+        return outcome
+
+    async def limit_reached(self, conversation_id: str, model: str) -> None:
+        """The reply used all its tool rounds: say so in a stored message and an error."""
+        text = TOOL_LIMIT_TEXT.format(n=self.settings.max_tool_rounds)
+        async with self.live.lock(conversation_id):
+            row = await self.store.add_message(
+                conversation_id=conversation_id,
+                role="assistant",
+                content=text,
+                status="error",
+                error_code="tool_error",
+                finish_reason="tool_limit",
+                model=model,
+            )
+            self.hub.publish(conversation_id, message_event(row))
+        self.hub.publish(
+            conversation_id,
+            ErrorEvent(code="tool_error", message=text, conversation_id=conversation_id).encode(),
+        )

@@ -1,0 +1,124 @@
+"""Stored rows as the wire sees them, and as the model sees them (OpenAI message format)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from ..protocol import ConversationView, MessageEvent, MessageView, Usage
+
+
+class MessageRow(Protocol):
+    id: str
+    conversation_id: str
+    seq: int
+    role: str
+    content: str
+    status: str
+    tool_calls: list[dict[str, Any]] | None
+    tool_call_id: str | None
+    model: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cost_usd: float | None
+    finish_reason: str | None
+    error_code: str | None
+    created_at: datetime
+
+
+class ModelMessageRow(Protocol):
+    """What the model is shown of a stored message."""
+
+    @property
+    def role(self) -> str: ...
+    @property
+    def content(self) -> str: ...
+    @property
+    def tool_calls(self) -> list[dict[str, Any]] | None: ...
+    @property
+    def tool_call_id(self) -> str | None: ...
+
+
+class ConversationRow(Protocol):
+    id: str
+    title: str
+    model: str | None
+    system_prompt: str | None
+    temperature: float | None
+    created_at: datetime
+    updated_at: datetime
+    last_seq: int
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def message_view(row: MessageRow, *, content: str | None = None) -> MessageView:
+    has_usage = row.prompt_tokens is not None or row.completion_tokens is not None
+    return MessageView.model_construct(
+        id=row.id,
+        seq=row.seq,
+        role=row.role,
+        content=row.content if content is None else content,
+        status=row.status,
+        created_at=iso(row.created_at),
+        model=row.model,
+        tool_calls=row.tool_calls or None,
+        tool_call_id=row.tool_call_id,
+        usage=Usage(
+            prompt_tokens=row.prompt_tokens,
+            completion_tokens=row.completion_tokens,
+            cost_usd=row.cost_usd,
+        )
+        if has_usage
+        else None,
+        finish_reason=row.finish_reason,
+        error_code=row.error_code,
+    )
+
+
+def message_event(row: MessageRow, *, content: str | None = None) -> str:
+    return MessageEvent.model_construct(
+        conversation_id=row.conversation_id,
+        seq=row.seq,
+        message=message_view(row, content=content),
+    ).encode()
+
+
+def conversation_view(row: ConversationRow) -> ConversationView:
+    return ConversationView.model_construct(
+        id=row.id,
+        title=row.title,
+        model=row.model,
+        system_prompt=row.system_prompt,
+        temperature=row.temperature,
+        created_at=iso(row.created_at),
+        updated_at=iso(row.updated_at),
+        last_seq=row.last_seq,
+    )
+
+
+def openai_messages(rows: Sequence[ModelMessageRow]) -> list[dict[str, Any]]:
+    """History in the order providers require: each assistant tool call followed by its result.
+
+    A tool call whose result was never stored (a reply cancelled mid-tools) is left out, since
+    providers refuse a call without a result.
+    """
+    answered = {row.tool_call_id for row in rows if row.role == "tool"}
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        if row.role == "tool":
+            out.append({"role": "tool", "tool_call_id": row.tool_call_id, "content": row.content})
+        elif row.role == "assistant" and row.tool_calls:
+            calls = [c for c in row.tool_calls if c.get("id") in answered]
+            message: dict[str, Any] = {"role": "assistant", "content": row.content or None}
+            if calls:
+                message["tool_calls"] = calls
+            elif not row.content:
+                continue
+            out.append(message)
+        elif row.content:
+            out.append({"role": row.role, "content": row.content})
+    return out

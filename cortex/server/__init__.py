@@ -1,0 +1,1 @@
+"""The transport: WebSocket connections, HTTP routes on the same port, handshakes, dispatch."""

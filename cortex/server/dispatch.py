@@ -1,0 +1,136 @@
+"""Frame class -> handler: the one table that says what the server does with each client frame.
+
+A new frame type is its class in `protocol` plus one `@table.on(TheFrame)` handler here. A
+table that misses a registered frame type refuses to be built, so nothing is forgotten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+from ..fanout.hub import Hub
+from ..pipeline.manage import ConversationManager
+from ..pipeline.router import Router
+from ..protocol import (
+    INBOUND_FRAMES,
+    Ack,
+    Cancel,
+    Configure,
+    Conversations,
+    Delete,
+    History,
+    Inbound,
+    Ping,
+    Pong,
+    Rename,
+    Send,
+    Subscribe,
+    Unsubscribe,
+)
+
+
+class Client(Protocol):
+    """The connection a frame came from, as handlers see it."""
+
+    id: int
+    owner: str
+
+    def deliver(self, frame: str) -> None: ...
+
+
+F = TypeVar("F", bound=Inbound)
+Handler = Callable[[Any, Client], Awaitable[None]]
+
+
+class DispatchTable:
+    """Handlers by frame class."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[type[Inbound], Handler] = {}
+
+    def on(
+        self, frame_type: type[F]
+    ) -> Callable[[Callable[[F, Client], Awaitable[None]]], Callable[[F, Client], Awaitable[None]]]:
+        def register(
+            handler: Callable[[F, Client], Awaitable[None]],
+        ) -> Callable[[F, Client], Awaitable[None]]:
+            self._handlers[frame_type] = handler
+            return handler
+
+        return register
+
+    def missing(self) -> list[str]:
+        """Registered frame types with no handler."""
+        return sorted(kind for kind, cls in INBOUND_FRAMES.items() if cls not in self._handlers)
+
+    async def __call__(self, frame: Inbound, client: Client) -> None:
+        await self._handlers[type(frame)](frame, client)
+
+
+def frame_handlers(router: Router, manager: ConversationManager, hub: Hub) -> DispatchTable:
+    """What each client frame does."""
+    table = DispatchTable()
+
+    @table.on(Send)
+    async def send(frame: Send, client: Client) -> None:
+        await router.send(client.owner, frame, client)
+
+    @table.on(Subscribe)
+    async def subscribe(frame: Subscribe, client: Client) -> None:
+        await router.subscribe(
+            client.owner, frame.conversation_id, frame.after_seq, client, frame.request_id
+        )
+
+    @table.on(Unsubscribe)
+    async def unsubscribe(frame: Unsubscribe, client: Client) -> None:
+        hub.unsubscribe(frame.conversation_id, client)
+        client.deliver(
+            Ack(conversation_id=frame.conversation_id, request_id=frame.request_id).encode()
+        )
+
+    @table.on(History)
+    async def history(frame: History, client: Client) -> None:
+        page = await router.reads.history_frame(
+            client.owner,
+            frame.conversation_id,
+            before_seq=frame.before_seq,
+            limit=frame.limit,
+            request_id=frame.request_id,
+        )
+        client.deliver(page)
+
+    @table.on(Conversations)
+    async def conversations(frame: Conversations, client: Client) -> None:
+        page = await router.reads.conversations_frame(
+            client.owner, before=frame.before, limit=frame.limit, request_id=frame.request_id
+        )
+        client.deliver(page)
+
+    @table.on(Cancel)
+    async def cancel(frame: Cancel, client: Client) -> None:
+        await router.cancel(client.owner, frame.conversation_id)
+        client.deliver(
+            Ack(conversation_id=frame.conversation_id, request_id=frame.request_id).encode()
+        )
+
+    @table.on(Ping)
+    async def ping(frame: Ping, client: Client) -> None:
+        client.deliver(Pong(request_id=frame.request_id).encode())
+
+    @table.on(Rename)
+    async def rename(frame: Rename, client: Client) -> None:
+        await manager.rename(client.owner, frame, client)
+
+    @table.on(Delete)
+    async def delete(frame: Delete, client: Client) -> None:
+        await manager.delete(client.owner, frame, client)
+
+    @table.on(Configure)
+    async def configure(frame: Configure, client: Client) -> None:
+        await manager.configure(client.owner, frame, client)
+
+    missing = table.missing()
+    if missing:
+        raise RuntimeError(f"client frames with no handler: {', '.join(missing)}")
+    return table

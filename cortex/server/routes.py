@@ -1,0 +1,125 @@
+"""Read-only HTTP on the WebSocket's port: health, history JSON and the static chat page.
+
+Served from websockets' `process_request` hook, so one port and one process serve both.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.http11 import Request, Response
+
+from ..config import Settings
+from ..errors import NotFound
+from ..pipeline import export
+from ..pipeline.reads import Reads
+from .responses import error_response, json_response, respond
+
+WS_PATH = "/ws"
+_PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self' ws: wss:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+class HttpRoutes:
+    """GET routes: health, readiness, the page and its files, and the read-only API."""
+
+    def __init__(
+        self, *, settings: Settings, reads: Reads, ready: Callable[[], Awaitable[bool]]
+    ) -> None:
+        self.settings = settings
+        self.reads = reads
+        self.ready = ready
+
+    async def handle(self, request: Request, owner: str | None) -> Response | None:
+        """A response for an HTTP request, or None to let the WebSocket handshake go on."""
+        url = urlsplit(request.path)
+        path = url.path
+        if path == WS_PATH and request.headers.get("Upgrade", "").lower() == "websocket":
+            return None
+        if path == "/healthz":
+            return json_response(200, {"status": "ok"})
+        if path == "/readyz":
+            ready = await self.ready()
+            return json_response(200 if ready else 503, {"status": "ok" if ready else "not ready"})
+        if path == "/" or path.startswith("/static/"):
+            return self.static(path)
+        if path.startswith("/api/"):
+            if owner is None:
+                return error_response(401, "unauthorized", "a valid bearer token is required")
+            try:
+                return await self.api(path, parse_qs(url.query), owner)
+            except NotFound:
+                return error_response(404, "not_found", "no such conversation")
+        if path == WS_PATH:
+            return error_response(400, "bad_request", "this endpoint takes WebSocket upgrades")
+        return error_response(404, "not_found", "no such route")
+
+    async def api(self, path: str, query: dict[str, list[str]], owner: str) -> Response:
+        parts = path.strip("/").split("/")
+        if len(parts) == 4 and parts[:2] == ["api", "conversations"] and parts[3] == "export":
+            return await self.export(parts[2], query, owner)
+        try:
+            limit = min(int(query.get("limit", ["50"])[0]), self.settings.history_page_max)
+            before_seq_raw = query.get("before_seq", [None])[0]
+            before_seq = int(before_seq_raw) if before_seq_raw is not None else None
+        except ValueError:
+            return error_response(400, "bad_frame", "limit and before_seq must be integers")
+        if limit < 1 or (before_seq is not None and before_seq < 0):
+            return error_response(400, "bad_frame", "limit must be >= 1 and before_seq >= 0")
+        if parts == ["api", "conversations"]:
+            before = query.get("before", [None])[0]
+            items, more = await self.reads.conversations(owner, before=before, limit=limit)
+            return json_response(
+                200,
+                {"items": [c.model_dump(mode="json") for c in items], "has_more": more},
+            )
+        if len(parts) == 4 and parts[:2] == ["api", "conversations"] and parts[3] == "messages":
+            conversation_id = parts[2]
+            views, more = await self.reads.history(
+                owner, conversation_id, before_seq=before_seq, limit=limit
+            )
+            return json_response(
+                200,
+                {
+                    "conversation_id": conversation_id,
+                    "messages": [v.model_dump(mode="json", exclude_none=True) for v in views],
+                    "has_more": more,
+                },
+            )
+        return error_response(404, "not_found", "no such route")
+
+    async def export(
+        self, conversation_id: str, query: dict[str, list[str]], owner: str
+    ) -> Response:
+        """The whole conversation as a JSON or Markdown attachment."""
+        fmt = query.get("format", ["json"])[0]
+        if fmt not in export.FORMATS:
+            return error_response(400, "bad_frame", "format must be json or md")
+        conv, rows = await self.reads.everything(owner, conversation_id)
+        body = export.render(conv, rows, fmt)
+        disposition = f'attachment; filename="{export.filename(conv, fmt)}"'
+        return respond(200, body, export.content_type(fmt), (("Content-Disposition", disposition),))
+
+    def static(self, path: str) -> Response:
+        root = self.settings.static_dir.resolve()
+        relative = "index.html" if path == "/" else path.removeprefix("/static/")
+        target = (root / relative).resolve()
+        if not target.is_relative_to(root) or not target.is_file():
+            return error_response(404, "not_found", "no such file")
+        content_type = _content_type(target)
+        extra: tuple[tuple[str, str], ...] = ()
+        if target.suffix == ".html":
+            extra = (("Content-Security-Policy", _PAGE_CSP), ("X-Frame-Options", "DENY"))
+        return respond(200, target.read_bytes(), content_type, extra)
+
+
+def _content_type(path: Path) -> str:
+    if path.suffix in (".js", ".mjs"):
+        return "text/javascript; charset=utf-8"
+    guessed = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"{guessed}; charset=utf-8" if guessed.startswith("text/") else guessed

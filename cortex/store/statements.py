@@ -1,0 +1,193 @@
+"""The statements of a reply's way through the store, and the functions of a `Session` that
+several transactions share. Core statements built once: building a SQLAlchemy statement and its
+cache key costs more than running it on SQLite (a new conversation's first message took 3.8 ms
+of a thread when each call built its own; bench/NOTEBOOK.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, cast
+
+from sqlalchemy import Connection, Table, bindparam, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from ..errors import Internal
+from .models import Conversation, Message, new_id, utcnow
+
+# A reply's context keeps assistant text the user has seen; failed partial replies are left out.
+_CONTEXT_STATUSES = ("complete", "cancelled", "interrupted")
+
+
+class StoreError(Internal):
+    """The database failed; the client gets `internal`, the details go to the log."""
+
+
+class StoreConflict(StoreError):
+    """A write lost a race on a unique key (two retries of one `client_msg_id`)."""
+
+
+class ContextMessage(NamedTuple):
+    """A stored message as the model sees it: only what `views.openai_messages` reads."""
+
+    role: str
+    content: str
+    tool_calls: list[dict[str, Any]] | None
+    tool_call_id: str | None
+
+
+_conversations = cast(Table, Conversation.__table__)
+_messages = cast(Table, Message.__table__)
+_MESSAGE_DEFAULTS: dict[str, Any] = {column.key: None for column in _messages.columns} | {
+    "content": "",
+    "status": "complete",
+}
+_INSERT_CONVERSATION = insert(_conversations)
+_INSERT_MESSAGE = insert(_messages)
+_TAKE_SEQ = (
+    update(_conversations)
+    .where(_conversations.c.id == bindparam("target"))
+    .values(last_seq=_conversations.c.last_seq + 1, updated_at=bindparam("now"))
+    .returning(*_conversations.columns)
+)
+# (A bind parameter of an UPDATE may not share a column's name: that name is the SET value.)
+_TAKE_SEQ_OWNED = _TAKE_SEQ.where(_conversations.c.owner == bindparam("owner_"))
+_UPDATE_MESSAGE = update(_messages).where(_messages.c.id == bindparam("message_id"))
+# Ids only: a send is almost never a retry, and a miss should cost no ORM loading.
+_FIND_CLIENT_MSG = (
+    select(_messages.c.conversation_id, _messages.c.id)
+    .join(_conversations, _messages.c.conversation_id == _conversations.c.id)
+    .where(
+        _conversations.c.owner == bindparam("owner"),
+        _messages.c.client_msg_id == bindparam("cmid"),
+    )
+    .limit(1)
+)
+_FIND_CLIENT_MSG_IN = _FIND_CLIENT_MSG.where(_conversations.c.id == bindparam("target"))
+_CONTEXT = (
+    select(Message.role, Message.content, Message.tool_calls, Message.tool_call_id)
+    .where(
+        Message.conversation_id == bindparam("target"),
+        # A failed tool result still answers its call: the model needs to see it.
+        or_(Message.status.in_(_CONTEXT_STATUSES), Message.role == "tool"),
+        or_(Message.role != "user", Message.seq <= bindparam("upto")),
+    )
+    .order_by(Message.seq)
+)
+_NEXT_UNANSWERED = (
+    select(Conversation, Message)
+    .join(Conversation, Conversation.id == Message.conversation_id)
+    .where(
+        Message.conversation_id == bindparam("target"),
+        Message.role == "user",
+        Message.seq > Conversation.answered_seq,
+    )
+    .order_by(Message.seq)
+    .limit(1)
+)
+
+
+def core(session: Session) -> Connection:
+    """The session's connection: Core statements run on it skip the ORM's execution layer
+    (half a millisecond of a new conversation's first message; see docs/performance.md)."""
+    return session.connection()
+
+
+def new_conversation(session: Session, **fields: Any) -> Conversation:
+    now = utcnow()
+    values = fields | {"id": new_id(), "created_at": now, "updated_at": now, "answered_seq": 0}
+    core(session).execute(_INSERT_CONVERSATION, values)
+    return Conversation(**values)
+
+
+def open_turn(
+    session: Session, conversation_id: str, upto_user_seq: int, model: str
+) -> tuple[list[ContextMessage], Message]:
+    """What the model sees for a turn of the reply to `upto_user_seq`, and the row (empty,
+    `streaming`) the turn streams into. The context is read first: the new row is not in it."""
+    context = context_of(session, conversation_id, upto_user_seq)
+    taken = take_seq(session, conversation_id)
+    if taken is None:
+        raise StoreError("no such conversation")
+    row = add_row(
+        session,
+        conversation_id,
+        taken[1],
+        role="assistant",
+        content="",
+        status="streaming",
+        model=model,
+    )
+    return context, row
+
+
+def find_client_msg(
+    session: Session, owner: str, conversation_id: str | None, client_msg_id: str
+) -> tuple[Conversation, Message] | None:
+    params = {"owner": owner, "cmid": client_msg_id}
+    if conversation_id is not None:
+        params["target"] = conversation_id
+    query = _FIND_CLIENT_MSG if conversation_id is None else _FIND_CLIENT_MSG_IN
+    found = core(session).execute(query, params).first()
+    if found is None:
+        return None
+    conv, message = session.get(Conversation, found[0]), session.get(Message, found[1])
+    assert conv is not None and message is not None  # read in this transaction
+    return conv, message
+
+
+def insert_row(
+    session: Session, conversation_id: str, role: str, fields: dict[str, Any]
+) -> Message:
+    taken = take_seq(session, conversation_id)
+    if taken is None:
+        raise StoreError("no such conversation")
+    return add_row(session, conversation_id, taken[1], role=role, **fields)
+
+
+def take_seq(
+    session: Session, conversation_id: str, *, owner: str | None = None
+) -> tuple[Conversation, int] | None:
+    """The conversation (as updated) and the next seq in it; None if it is not there (or not
+    `owner`'s). One statement: the write comes first, so it holds the row's lock."""
+    # Taking the next seq with UPDATE ... RETURNING locks the conversation row, so seq stays
+    # gap-free and unique under concurrent writers (SQLite and PostgreSQL alike).
+    params = {"target": conversation_id, "now": utcnow()}
+    if owner is None:
+        row = core(session).execute(_TAKE_SEQ, params).first()
+    else:
+        row = core(session).execute(_TAKE_SEQ_OWNED, params | {"owner_": owner}).first()
+    if row is None:
+        return None
+    conv = Conversation(**row._mapping)  # detached, as every row a Store call hands out
+    return conv, conv.last_seq
+
+
+def add_row(session: Session, conversation_id: str, seq: int, **fields: Any) -> Message:
+    now = utcnow()
+    values = _MESSAGE_DEFAULTS | fields
+    values.update(
+        id=new_id(), conversation_id=conversation_id, seq=seq, created_at=now, updated_at=now
+    )
+    # Unset columns are left out, so they are SQL NULL (None would be JSON `null` in a JSON one).
+    core(session).execute(
+        _INSERT_MESSAGE, {key: value for key, value in values.items() if value is not None}
+    )
+    return Message(**values)
+
+
+def update_row(session: Session, message_id: str, fields: dict[str, Any]) -> None:
+    core(session).execute(
+        _UPDATE_MESSAGE, {"message_id": message_id, "updated_at": utcnow(), **fields}
+    )
+
+
+def context_of(session: Session, conversation_id: str, upto_user_seq: int) -> list[ContextMessage]:
+    # Plain rows, not ORM objects: this read is on every reply's way to the model, and a long
+    # conversation's rows cost two to three times as much to load as ORM objects.
+    rows = core(session).execute(_CONTEXT, {"target": conversation_id, "upto": upto_user_seq})
+    return [ContextMessage(*row) for row in rows]
+
+
+def next_unanswered(session: Session, conversation_id: str) -> tuple[Conversation, Message] | None:
+    row = session.execute(_NEXT_UNANSWERED, {"target": conversation_id}).first()
+    return (row[0], row[1]) if row is not None else None
