@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from conftest import Client, deltas_text, final_message, make_settings
 
 from cortex.app import Cortex, running
@@ -336,3 +337,31 @@ def test_lagging_writer_merges_consecutive_deltas() -> None:
     assert taken > 0 and len(queue) == 2  # another message's delta stops the merge
     alone, taken = take_merged_delta(delta_frame("c", "m", 50, "gap"), deque([queue[-1]]))
     assert json.loads(alone)["text"] == "gap" and taken == 0  # not contiguous: not merged
+
+
+async def test_http_and_ws_history_show_a_streaming_replys_live_text(
+    start_server: Any, connect_to: Any, provider: FakeOpenAI
+) -> None:
+    """Both read through the pipeline: a reply mid-stream shows the text streamed so far, not
+    its last checkpoint (here none is written for a minute)."""
+    app = await start_server(checkpoint_ms=60_000)
+    provider.enqueue(Reply(text=" ".join(f"w{i}" for i in range(200)), chunk_delay=0.02))
+    client: Client = await connect_to(app)
+    await client.send(type="send", content="go")
+    conversation_id = (await client.until_type("ack"))[-1]["conversation_id"]
+    events = await client.until(lambda e: e["type"] == "delta" and e["offset"] > 20)
+    seen = deltas_text(events)
+    page = await client.request(type="history", conversation_id=conversation_id)
+    (ws_reply,) = [m for m in page["messages"] if m["role"] == "assistant"]
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{app.port}") as session:
+        path = f"/api/conversations/{conversation_id}/messages"
+        async with session.get(path) as response:
+            body = await response.json()
+    (http_reply,) = [m for m in body["messages"] if m["role"] == "assistant"]
+    for reply in (ws_reply, http_reply):
+        assert reply["status"] == "streaming"
+        assert reply["content"].startswith(seen) and len(reply["content"]) >= len(seen)
+    stored, _ = await app.store.messages(conversation_id)
+    assert stored[-1].content == ""  # what the HTTP API used to show: the last checkpoint
+    await client.send(type="cancel", conversation_id=conversation_id)
+    await client.until_reply()

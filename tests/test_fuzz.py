@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from cortex.app import Cortex, running
+from cortex.protocol import INBOUND_TYPES
 
 ERROR_CODES = {
     "bad_json",
@@ -28,17 +29,8 @@ ERROR_CODES = {
     "rate_limited",
     "internal",
 }
-TYPES = [
-    "send",
-    "subscribe",
-    "unsubscribe",
-    "history",
-    "conversations",
-    "cancel",
-    "ping",
-    "bogus",
-    "",
-]
+# Every frame type the protocol declares (its registry), and two that are none.
+TYPES = [*sorted(INBOUND_TYPES), "bogus", ""]
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-from .view import Transcript
+from .view import Screen, Transcript
 
-if TYPE_CHECKING:
-    from .chat import ChatClient
+
+class Session(Protocol):
+    """What the commands use of the chat client (`chat.ChatClient`)."""
+
+    conversation_id: str | None
+    info: dict[str, Any] | None
+    listing: list[dict[str, Any]]
+    model: str | None
+    screen: Screen
+    transcript: Transcript
+
+    def quit(self) -> None: ...
+
+    def leave_conversation(self) -> None: ...
+
+    async def request(self, frame: dict[str, Any]) -> dict[str, Any] | None: ...
+
+    async def send_frame(self, frame: dict[str, Any]) -> bool: ...
+
+    async def send_message(self, content: str) -> None: ...
+
 
 HISTORY_LINES = 20
 HELP = """commands:
@@ -26,7 +45,7 @@ A line starting with // sends the rest of it, starting with /."""
 
 
 class Commands:
-    def __init__(self, client: ChatClient) -> None:
+    def __init__(self, client: Session) -> None:
         self.client = client
         self.table: dict[str, Callable[[str], Awaitable[None]]] = {
             "help": self.help,

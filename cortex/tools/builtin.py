@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field
 
-from .registry import tool
+from .marks import tool
 
 # --- built-in tools --------------------------------------------------------------------------
 

@@ -22,10 +22,13 @@ import re
 import typing
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic_core import to_jsonable_python
+
+from .builtin import BUILTIN_TOOLS
+from .marks import MARK, Mark, tool
 
 __all__ = [
     "Tool",
@@ -40,54 +43,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-_MARK = "__cortex_tool__"
 # Providers accept this much of a function name (OpenAI's rule; the strictest in common use).
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MAX_ERROR_CHARS = 500
 _MAX_VALIDATION_ERRORS = 5
 
 
-# --- marking and describing -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Mark:
-    name: str | None
-    description: str | None
-    parameters: dict[str, Any] | None
-
-
-@overload
-def tool(fn: F, /) -> F: ...
-@overload
-def tool(
-    *,
-    name: str | None = None,
-    description: str | None = None,
-    parameters: dict[str, Any] | None = None,
-) -> Callable[[F], F]: ...
-def tool(
-    fn: F | None = None,
-    /,
-    *,
-    name: str | None = None,
-    description: str | None = None,
-    parameters: dict[str, Any] | None = None,
-) -> F | Callable[[F], F]:
-    """Mark `fn` as a tool; `ToolRegistry.load_module()` registers it.
-
-    Only sets an attribute, so importing a module of tools changes no global state and each
-    registry (each test, each server) decides what it holds. Usable bare (`@tool`) or with
-    overrides (`@tool(name=..., description=..., parameters=...)`).
-    """
-
-    def mark(func: F) -> F:
-        setattr(func, _MARK, _Mark(name, description, parameters))
-        return func
-
-    return mark if fn is None else mark(fn)
+# --- describing -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -324,8 +286,8 @@ class ToolRegistry:
             raise ValueError(f"cannot import tool module {module_name!r}: {exc}") from exc
         added: list[Tool] = []
         for obj in list(vars(module).values()):
-            mark = getattr(obj, _MARK, None)
-            if isinstance(mark, _Mark) and callable(obj):
+            mark = getattr(obj, MARK, None)
+            if isinstance(mark, Mark) and callable(obj):
                 added.append(
                     self.add(
                         obj,
@@ -427,8 +389,6 @@ class ToolRegistry:
 
 def builtin_registry() -> ToolRegistry:
     """A fresh registry of the built-in tools, which are safe to offer on a shared server."""
-    from .builtin import BUILTIN_TOOLS  # they use @tool from here: import them late
-
     registry = ToolRegistry()
     for fn in BUILTIN_TOOLS:
         registry.add(fn)
