@@ -88,7 +88,7 @@ _NEXT_UNANSWERED = (
 
 def core(session: Session) -> Connection:
     """The session's connection: Core statements run on it skip the ORM's execution layer
-    (half a millisecond of a new conversation's first message; see docs/performance.md)."""
+    (half a millisecond of a new conversation's first message; see bench/NOTEBOOK.md)."""
     return session.connection()
 
 

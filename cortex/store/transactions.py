@@ -3,7 +3,7 @@ PostgreSQL. Queries are plain functions of a `Session`, the same for both.
 
 Why: aiosqlite runs every cursor call in its thread and wakes the event loop for each result:
 8 to 17 round trips per Cortex transaction, each costing the loop 0.15-0.3 ms of CPU on the
-machines of docs/performance.md. Run whole in a thread, a transaction is one round trip, and the
+machines of bench/NOTEBOOK.md. Run whole in a thread, a transaction is one round trip, and the
 loop stays free for the streams. asyncpg is natively async, so PostgreSQL keeps the async engine.
 """
 
