@@ -1,7 +1,9 @@
 """Every query Cortex runs. SQLAlchemy's errors become `StoreError` here, at one boundary.
 
 Each `Store` method is one transaction: a plain function of a `Session`, handed to
-`Transactions`, which runs it in a thread (SQLite) or over asyncpg (PostgreSQL).
+`Transactions`, which runs it in a thread (SQLite) or over asyncpg (PostgreSQL). The module is
+past 400 lines on purpose: it is one job (the transactions), each short, and several span
+conversations, messages and the reply queue at once, so splitting it by table would split them.
 """
 
 from __future__ import annotations
