@@ -1,162 +1,74 @@
 """Shared helpers of the bench scripts: child processes, /proc readings, small statistics.
 
 Every bench script runs the fake provider and the Cortex server as separate processes on
-127.0.0.1, so that the process being measured has its own event loop and its own core time,
-and reads memory and CPU figures of those processes from /proc (psutil is not a dependency).
+127.0.0.1 (started by cortex.testing.processes, the launcher the tests use too), so that the
+process being measured has its own event loop and its own core time, and reads memory and CPU
+figures of those processes from /proc (psutil is not a dependency). Also here: the timings of
+a batch of concurrent streams and their summary (stream_overhead.py, peer_litellm_proxy.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib.metadata
+import json
 import math
 import os
-import re
-import signal
+import resource
 import statistics
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from types import ModuleType
+from typing import Any, NamedTuple
+
+from cortex.testing import processes
+from cortex.testing.processes import Child, clean_env, start_process
+from cortex.testing.services import PostgresServer
 
 REPO = Path(__file__).resolve().parent.parent
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
-_READY_URL = re.compile(r"http://([\d.]+):(\d+)/")
-
-
-@dataclass
-class Child:
-    """A child process started by a bench script, with its log file."""
-
-    name: str
-    proc: asyncio.subprocess.Process
-    log_path: Path
-    url: str = ""
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    async def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, wait up to `timeout`, then SIGKILL; return the exit code."""
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), timeout)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                await self.proc.wait()
-        return self.proc.returncode
-
-
-def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """This environment without any CORTEX_*/LLM_* setting of the caller's shell, plus `extra`."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("CORTEX_", "LLM_")) and k not in ("OPENAI_API_KEY", "OPENAI_API_BASE")
-    }
-    env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    env.update(extra)
-    return env
-
-
-async def _read_ready(
-    proc: asyncio.subprocess.Process, name: str, log_path: Path, timeout: float
-) -> str:
-    """The first stdout line that names an http://host:port/ URL (the child's 'I am ready')."""
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                raw = await proc.stdout.readline()
-                if not raw:
-                    tail = log_tail(log_path)
-                    raise RuntimeError(f"{name} exited before it was ready; its log:\n{tail}")
-                line = raw.decode(errors="replace").strip()
-                found = _READY_URL.search(line)
-                if found:
-                    return line
-    except TimeoutError:
-        proc.kill()
-        raise RuntimeError(f"{name} was not ready within {timeout:g} s") from None
-
-
-async def start_child(
-    name: str,
-    argv: Sequence[str],
-    *,
-    env: Mapping[str, str],
-    cwd: Path,
-    log_path: Path,
-    timeout: float = 60.0,
-) -> tuple[Child, str]:
-    """Start `argv`, send its stderr to `log_path`, return it with its ready line."""
-    with log_path.open("wb") as log:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            env=dict(env),
-            cwd=cwd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=log,
-        )
-    child = Child(name, proc, log_path)
-    try:
-        line = await _read_ready(proc, name, log_path, timeout)
-    except BaseException:
-        await child.stop(timeout=5)
-        raise
-    return child, line
+SYSTEM_PROMPT = "You are a helpful assistant."  # Cortex's default, sent by LiteLLM alone too
+PROMPT = "Please write a long answer."  # the user message of the benches' streams
 
 
 async def start_fake_provider(argv: Sequence[str], workdir: Path, name: str = "fake") -> Child:
-    """A fake OpenAI-compatible provider process; `argv` after the interpreter."""
-    child, line = await start_child(
+    """A fake OpenAI-compatible provider process; `argv` after the interpreter. It prints
+    "READY http://127.0.0.1:PORT/v1" once it serves: that URL is its `url`."""
+    child = await start_process(
         name,
         [sys.executable, *argv],
-        env=clean_env({}),
+        env=clean_env(),
         cwd=workdir,
         log_path=workdir / f"{name}.log",
     )
-    child.url = line.split()[-1]  # "READY http://127.0.0.1:PORT/v1"
+    child.url = child.ready_line.split()[-1]
     return child
 
 
 async def start_cortex(
-    workdir: Path, api_base: str, settings: Mapping[str, str] | None = None
+    workdir: Path,
+    api_base: str,
+    settings: Mapping[str, str] | None = None,
+    *,
+    name: str = "cortex",
+    timeout: float = 60.0,
 ) -> Child:
-    """`cortex serve` on a free loopback port with a fresh SQLite file in `workdir`.
+    """`cortex serve` on a free loopback port with a fresh SQLite file in `workdir` (unless
+    `settings` has a CORTEX_DATABASE_URL), its log `workdir`/NAME.log, model `openai/fake`.
 
     The working directory is `workdir`, so no `.env` of the repository is read.
     """
-    env = clean_env(
-        {
-            "CORTEX_HOST": "127.0.0.1",
-            "CORTEX_PORT": "0",
-            "CORTEX_DATABASE_URL": f"sqlite+aiosqlite:///{workdir / 'cortex.db'}",
-            "CORTEX_DEFAULT_MODEL": "openai/fake",
-            "CORTEX_LLM_API_BASE": api_base,
-            "CORTEX_LLM_API_KEY": "sk-fake",
-            **(settings or {}),
-        }
+    return await processes.start_cortex(
+        workdir,
+        api_base=api_base,
+        settings=settings,
+        name=name,
+        log_path=workdir / f"{name}.log",
+        timeout=timeout,
     )
-    child, line = await start_child(
-        "cortex",
-        [sys.executable, "-m", "cortex.cli", "serve"],
-        env=env,
-        cwd=workdir,
-        log_path=workdir / "cortex.log",
-    )
-    found = _READY_URL.search(line)
-    assert found is not None
-    child.url = f"ws://{found[1]}:{found[2]}/ws"
-    return child
 
 
 @contextlib.asynccontextmanager
@@ -170,11 +82,34 @@ async def children() -> AsyncIterator[list[Child]]:
             await child.stop(timeout=15)
 
 
-def log_tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
+def server_settings(pairs: Sequence[str]) -> dict[str, str]:
+    """`--set CORTEX_X=value` arguments of a bench, as environment entries for the server."""
+    settings: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.startswith("CORTEX_"):
+            raise SystemExit(f"--set wants CORTEX_NAME=value, not {pair!r}")
+        settings[name] = value
+    return settings
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit to its hard limit (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def print_report(report: dict[str, Any], table: str, as_json: bool) -> None:
+    """The table on stdout; or, `as_json`, the table on stderr and the report on stdout."""
+    if as_json:
+        print(table, file=sys.stderr)
+        print(json.dumps(report, indent=2))
+    else:
+        print(table)
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -195,20 +130,18 @@ def proc_status(pid: int) -> dict[str, int]:
 
 def proc_cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (10 ms resolution on Linux)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return math.nan
-    fields = text.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
+    stat = proc_stat(pid)
+    return math.nan if stat is None else stat.cpu
 
 
-def system_cpu() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+def machine_cpu() -> tuple[float, float, float]:
+    """(busy, steal, total) CPU seconds of the whole machine so far, from /proc/stat; busy
+    leaves out steal (time the hypervisor gave to other guests)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
-    idle = fields[3] + fields[4]
-    return (total - idle) / _CLK_TCK, total / _CLK_TCK
+    steal = fields[7]
+    busy = total - fields[3] - fields[4] - steal
+    return busy / _CLK_TCK, steal / _CLK_TCK, total / _CLK_TCK
 
 
 class ForeignLoad:
@@ -219,10 +152,12 @@ class ForeignLoad:
     """
 
     def __init__(self) -> None:
-        self.busy0, self.total0 = system_cpu()
+        busy, steal, self.total0 = machine_cpu()
+        self.busy0 = busy + steal
 
     def fraction(self, ours: float) -> float:
-        busy, total = system_cpu()
+        busy, steal, total = machine_cpu()
+        busy += steal
         span = total - self.total0
         return max(0.0, (busy - self.busy0 - ours) / span) if span > 0 else math.nan
 
@@ -232,22 +167,6 @@ def proc_fd_count(pid: int) -> int:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return -1
-
-
-def log_problems(path: Path, limit: int = 20) -> tuple[int, list[str]]:
-    """Lines of a log that report an error (ERROR, CRITICAL, tracebacks): count and first ones."""
-    lines: list[str] = []
-    count = 0
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return 0, []
-    for line in text.splitlines():
-        if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback"):
-            count += 1
-            if len(lines) < limit:
-                lines.append(line)
-    return count, lines
 
 
 def median(values: Sequence[float]) -> float:
@@ -314,22 +233,26 @@ class ProcStat(NamedTuple):
     reaped: float  # cutime + cstime: children it has reaped
 
 
+def proc_stat(pid: int | str) -> ProcStat | None:
+    """A process's parent and CPU times from /proc/PID/stat; None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return ProcStat(
+        int(fields[1]),
+        (int(fields[11]) + int(fields[12])) / _CLK_TCK,  # utime, stime
+        (int(fields[13]) + int(fields[14])) / _CLK_TCK,  # cutime, cstime
+    )
+
+
 def process_table() -> dict[int, ProcStat]:
     """Every process of the machine, from /proc/PID/stat."""
     table: dict[int, ProcStat] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            text = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = text.rsplit(")", 1)[1].split()
-        table[int(entry)] = ProcStat(
-            int(fields[1]),
-            (int(fields[11]) + int(fields[12])) / _CLK_TCK,
-            (int(fields[13]) + int(fields[14])) / _CLK_TCK,
-        )
+        if entry.isdigit() and (stat := proc_stat(entry)) is not None:
+            table[int(entry)] = stat
     return table
 
 
@@ -362,3 +285,112 @@ def tree_cpu_seconds(root: int) -> float:
     if root not in table:
         return math.nan
     return table[root].reaped + tree_cpu([root], table)
+
+
+def postmaster_pid(pg: PostgresServer) -> int:
+    """The pid of a private PostgreSQL cluster's postmaster; -1 when it does not run."""
+    try:
+        return int((Path(str(pg.folder)) / "data" / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def postgres_version(pg: PostgresServer) -> str:
+    """The major version of a private PostgreSQL cluster ("?" when unknown)."""
+    try:
+        return (Path(str(pg.folder)) / "data" / "PG_VERSION").read_text().strip()
+    except OSError:
+        return "?"
+
+
+# ------------------------------------------------------------- batches of concurrent streams
+
+
+async def litellm_chunks(
+    litellm: ModuleType,
+    api_base: str,
+    times: list[float],
+    clock: Callable[[], float],
+    hook: Callable[[Any], None] | None = None,
+) -> None:
+    """One stream through `litellm.acompletion` from the fake provider at `api_base`, asked
+    as Cortex asks (its system prompt, usage included), without Cortex; the `clock` time of
+    each content chunk is appended to `times`. `hook` sees the response before its chunks."""
+    response = await litellm.acompletion(
+        model="openai/fake",
+        api_base=api_base,
+        api_key="sk-fake",
+        messages=[
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": PROMPT},
+        ],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    if hook is not None:
+        hook(response)
+    async for chunk in response:
+        if chunk.choices and chunk.choices[0].delta.content:
+            times.append(clock())
+
+
+@dataclass
+class Stream:
+    """One stream: seconds from the request to its first content chunk and to its end."""
+
+    first: float
+    total: float  # to the end of the stream / the final stored message
+    chunks: int  # content chunks (LiteLLM, a proxy) or delta frames (Cortex) received
+    chars: int = 0
+
+
+@dataclass
+class Batch:
+    """C concurrent streams started together."""
+
+    wall: float  # first request to last end
+    cpu: float  # CPU seconds of the process (tree) doing the relaying work
+    streams: list[Stream]
+
+
+@dataclass
+class Summary:
+    """The repeats of one batch size over one path, as medians."""
+
+    path: str  # what relayed the streams: "litellm", "litellm+w", "cortex", "proxy"
+    concurrency: int
+    repeats: int
+    first_ms: float  # median first chunk over every stream of every repeat
+    total_ms: float  # median batch wall time
+    stream_ms: float  # median per-stream total
+    chunks_per_s: float  # C * chunks / median batch wall time
+    cpu_us_per_chunk: float  # over all repeats
+    frames_per_stream: float  # median content chunks / delta frames per stream
+    chars: int  # of the longest stream
+    batches: list[dict[str, Any]] = field(default_factory=list)
+
+
+def summarize(path: str, concurrency: int, chunks: int, batches: Sequence[Batch]) -> Summary:
+    """The summary of `batches` of `concurrency` streams of `chunks` chunks each."""
+    streams = [s for b in batches for s in b.streams]
+    wall = median([b.wall for b in batches])
+    return Summary(
+        path=path,
+        concurrency=concurrency,
+        repeats=len(batches),
+        first_ms=median([s.first for s in streams]) * 1000,
+        total_ms=wall * 1000,
+        stream_ms=median([s.total for s in streams]) * 1000,
+        chunks_per_s=concurrency * chunks / wall,
+        cpu_us_per_chunk=sum(b.cpu for b in batches) / (chunks * concurrency * len(batches)) * 1e6,
+        frames_per_stream=median([float(s.chunks) for s in streams]),
+        chars=max((s.chars for s in streams), default=0),
+        batches=[
+            {
+                "wall_ms": round(b.wall * 1000, 2),
+                "cpu_ms": round(b.cpu * 1000, 1),
+                "first_ms": [round(s.first * 1000, 2) for s in b.streams],
+            }
+            for b in batches
+        ],
+    )

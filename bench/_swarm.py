@@ -7,13 +7,14 @@ A bench that measures a server's CPU must not run thousands of clients in the se
 process, nor let the clients' own cost hide the server's on a 2-core machine. So the clients
 here are a minimal RFC 6455 client (`RawWs`, an asyncio Protocol: handshake, frame parsing,
 masked sends, pong, close) in worker processes that the bench drives with one JSON line per
-command (`Swarm`). A delta frame is recognised by its prefix and counted, not JSON-decoded;
-every other frame is decoded. `time.monotonic()` is CLOCK_MONOTONIC, one clock for every
+command (`Swarm`, `serve_commands`). A delta frame is recognised by its prefix and counted,
+not JSON-decoded (unless its offset and text are to be checked: `reply_problem`); every other
+frame is decoded. `time.monotonic()` is CLOCK_MONOTONIC, one clock for every
 process of the machine, so times taken in workers compare with the bench's own.
 
 Also here: the scripted provider (the fake OpenAI server of cortex.testing, answering
-"words=N" with N one-word chunks), raising the fd limit, and a py-spy wrapper that prints the
-hottest functions of a process.
+"words=N" with N one-word chunks), a py-spy wrapper that prints the hottest functions of a
+process, and readings of the server's /metrics.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import struct
@@ -41,31 +41,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from _common import litellm_chunks, raise_fd_limit
+
+from cortex.testing.deltas import join_deltas
+
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _DELTA_PREFIX = b'{"type":"delta'  # also matches a future coalesced "deltas" frame
 _HEADER_END = b"\r\n\r\n"
 _HERE = Path(__file__).resolve()
-
-
-def server_settings(pairs: Sequence[str]) -> dict[str, str]:
-    """`--set CORTEX_X=value` arguments of a bench, as environment entries for the server."""
-    settings: dict[str, str] = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name.startswith("CORTEX_"):
-            raise SystemExit(f"--set wants CORTEX_NAME=value, not {pair!r}")
-        settings[name] = value
-    return settings
-
-
-def raise_fd_limit() -> int:
-    """Raise this process's open-file limit to its hard limit (children inherit it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
 
 
 # --------------------------------------------------------------------------- WebSocket client
@@ -97,9 +80,10 @@ class RawWs(asyncio.Protocol):
     """One client WebSocket, lean enough that a few processes can hold thousands.
 
     Counts wire bytes and frames, counts delta frames by prefix (their arrival times too when
-    `keep_times`), decodes every other text frame and remembers acks, the final assistant
-    message and errors. Answers pings. It may offer permessage-deflate (as browsers do); it
-    then inflates what it receives and sends uncompressed frames, which the extension allows.
+    `keep_times`, their offset and text when `keep_pieces`), decodes every other text frame
+    and remembers acks, the final assistant message and errors. Answers pings. It may offer
+    permessage-deflate (as browsers do); it then inflates what it receives and sends
+    uncompressed frames, which the extension allows.
     """
 
     def __init__(self, host: str, port: int, path: str, offer_deflate: bool) -> None:
@@ -127,6 +111,7 @@ class RawWs(asyncio.Protocol):
         self.keep_times = False
         self.decode_all = False  # also JSON-decode delta frames, as a real client would
         self.delta_times = array("d")
+        self.pieces: list[tuple[int, str]] | None = None  # (offset, text) of every delta
         self.acks: list[dict[str, Any]] = []
         self.ack_waiter: asyncio.Future[dict[str, Any]] | None = None
         self.final: dict[str, Any] | None = None
@@ -261,7 +246,13 @@ class RawWs(asyncio.Protocol):
 
     def _text(self, payload: bytes, now: float) -> None:
         if payload.startswith(_DELTA_PREFIX):
-            if self.decode_all:
+            if self.pieces is not None:
+                try:
+                    delta = json.loads(payload)
+                    self.pieces.append((int(delta["offset"]), str(delta["text"])))
+                except (ValueError, KeyError, TypeError):
+                    self.errors.append(f"undecodable delta of {len(payload)} bytes")
+            elif self.decode_all:
                 json.loads(payload)
             self.deltas += 1
             if not self.first_delta:
@@ -305,11 +296,12 @@ class RawWs(asyncio.Protocol):
     def is_open(self) -> bool:
         return self._open and self.close_code is None
 
-    def reset(self, keep_times: bool = False) -> None:
+    def reset(self, keep_times: bool = False, keep_pieces: bool = False) -> None:
         self.bytes_in = self.frames_in = self.deltas = 0
         self.first_delta = self.last_delta = self.final_time = 0.0
         self.keep_times = keep_times
         self.delta_times = array("d")
+        self.pieces = [] if keep_pieces else None
         self.acks = []
         self.final = None
         self.errors = []
@@ -325,6 +317,19 @@ class RawWs(asyncio.Protocol):
         self.ack_waiter = asyncio.get_running_loop().create_future()
         self.send_json(frame)
         return await asyncio.wait_for(self.ack_waiter, timeout)
+
+    async def converse(
+        self, content: str, timeout: float, *, keep_pieces: bool = False, **fields: Any
+    ) -> dict[str, Any]:
+        """Send a message (a new conversation's first, unless `fields` name one) and wait for
+        its reply's final message, which it returns; the conversation's id is then
+        `conversation_id`. A close first raises ConnectionError, a timeout TimeoutError."""
+        self.reset(keep_pieces=keep_pieces)
+        self.send_json({"type": "send", "content": content, **fields})
+        assert self.final_waiter is not None
+        await asyncio.wait_for(self.final_waiter, timeout)
+        assert self.final is not None
+        return self.final
 
     async def ping(self, timeout: float) -> None:
         """An application-level `ping`, answered by `pong` (a bare echo server echoes it)."""
@@ -354,6 +359,30 @@ async def open_ws(url: str, *, offer_deflate: bool = False, timeout: float = 30.
         )
         await ws.opened
     return ws
+
+
+def reply_problem(
+    pieces: Sequence[tuple[int, str]], final: dict[str, Any] | None, expected: str
+) -> str:
+    """What is wrong with one received reply, its deltas' (offset, text) and its final
+    message, or "" when it is whole and right: complete, with the `expected` text, and
+    deltas that continue one another and spell it."""
+    if final is None:
+        return "no final message"
+    if final.get("status") != "complete":
+        return f"final status {final.get('status')!r} ({final.get('error_code')})"
+    if final.get("content") != expected:
+        got = final.get("content") or ""
+        return f"final content differs ({len(got)} chars, expected {len(expected)})"
+    if not pieces:
+        return "no delta"
+    text, problem = join_deltas(pieces)
+    if problem:
+        return problem
+    if text != expected:
+        at = next((i for i, (a, b) in enumerate(zip(text, expected, strict=False)) if a != b), -1)
+        return f"delta text differs ({len(text)} chars, expected {len(expected)}; first at {at})"
+    return ""
 
 
 # ----------------------------------------------------------------------------- worker process
@@ -460,31 +489,53 @@ class WorkerState:
         return {"subscribers": rows}
 
     async def op_chat(
-        self, n: int, content: str, start_at: float, stagger: float, timeout: float
+        self,
+        n: int,
+        content: str,
+        start_at: float,
+        stagger: float,
+        timeout: float,
+        expected: str | None = None,
+        tag: str | None = None,
     ) -> dict[str, Any]:
         """Each of the first `n` connections sends a new conversation's first message, the i-th
         at `start_at + i * stagger / n`; record the arrival time of every delta frame
-        (microseconds after the send)."""
+        (microseconds after the send). With `expected`, check each reply against that text
+        (`reply_problem`); with `tag`, the i-th message's client_msg_id is TAG-i."""
         conns = [ws for ws in self.conns if ws.is_open][:n]
 
         async def one(i: int, ws: RawWs) -> dict[str, Any]:
-            ws.reset(keep_times=True)
+            ws.reset(keep_times=True, keep_pieces=expected is not None)
             await asyncio.sleep(max(0.0, start_at + i * stagger / max(1, n) - time.monotonic()))
             sent = time.monotonic()
-            ws.send_json({"type": "send", "content": content})
+            frame = {"type": "send", "content": content}
+            if tag is not None:
+                frame["client_msg_id"] = f"{tag}-{i}"
+            ws.send_json(frame)
             assert ws.final_waiter is not None
             with contextlib.suppress(TimeoutError, ConnectionError):
                 await asyncio.wait_for(ws.final_waiter, timeout)
-            return {
+            stream = {
                 "sent": sent,
                 "first": ws.first_delta,
                 "final": ws.final_time,
                 "status": (ws.final or {}).get("status"),
                 "deltas": ws.deltas,
                 "times_us": [round((t - sent) * 1e6) for t in ws.delta_times],
+                "conversation_id": ws.conversation_id,
                 "close": ws.close_code,
                 "errors": ws.errors[:3],
             }
+            if expected is not None:
+                assert ws.pieces is not None
+                text, _ = join_deltas(ws.pieces)
+                problem = reply_problem(ws.pieces, ws.final, expected)
+                stream.update(
+                    chars=len(text),
+                    chunks=len(text.split()),
+                    problem="; ".join([problem, *ws.errors[:3]]).strip("; "),
+                )
+            return stream
 
         streams = await asyncio.gather(*(one(i, ws) for i, ws in enumerate(conns)))
         return {"streams": streams}
@@ -501,24 +552,11 @@ class WorkerState:
         async def one(i: int) -> dict[str, Any]:
             await asyncio.sleep(max(0.0, start_at + i * stagger / max(1, n) - time.monotonic()))
             sent = time.monotonic()
-            times = array("d")
+            times: list[float] = []
             status = "complete"
             try:
                 async with asyncio.timeout(timeout):
-                    response = await litellm.acompletion(
-                        model="openai/fake",
-                        api_base=api_base,
-                        api_key="sk-fake",
-                        messages=[
-                            {"role": "system", "content": "You are a helpful assistant."},
-                            {"role": "user", "content": "Please write a long answer."},
-                        ],
-                        stream=True,
-                        stream_options={"include_usage": True},
-                    )
-                    async for chunk in response:
-                        if chunk.choices and chunk.choices[0].delta.content:
-                            times.append(time.monotonic())
+                    await litellm_chunks(litellm, api_base, times, time.monotonic)
             except Exception as exc:
                 status = f"{type(exc).__name__}: {exc}"[:200]
             return {
@@ -549,12 +587,14 @@ class WorkerState:
         }
 
 
-async def _worker_main() -> None:
+async def serve_commands(state: WorkerState) -> None:
+    """A worker process's life: answer each JSON-line command on stdin, {"op": NAME, ...},
+    with `state.op_NAME(...)`'s result as one JSON line on stdout, until "exit" or EOF; then
+    close every connection."""
     raise_fd_limit()
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 24)
+    reader = asyncio.StreamReader(limit=1 << 26)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    state = WorkerState()
     out = sys.stdout
     while True:
         line = await reader.readline()
@@ -565,7 +605,7 @@ async def _worker_main() -> None:
         if op == "exit":
             break
         try:
-            result = await getattr(state, f"op_{op}")(**command)
+            result: dict[str, Any] = await getattr(state, f"op_{op}")(**command)
             result["ok"] = True
         except Exception as exc:  # reported to the bench, which decides
             result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
@@ -590,7 +630,12 @@ class Worker:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write((json.dumps({"op": op, **args}) + "\n").encode())
         await self.proc.stdin.drain()
-        line = await asyncio.wait_for(self.proc.stdout.readline(), wait)
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), wait)
+        except TimeoutError:
+            raise RuntimeError(
+                f"client worker {self.index}: {op} did not answer within {wait:g} s"
+            ) from None
         if not line:
             raise RuntimeError(f"client worker {self.index} exited (code {self.proc.returncode})")
         result: dict[str, Any] = json.loads(line)
@@ -606,14 +651,17 @@ class Swarm:
     workers: list[Worker] = field(default_factory=list)
 
     @classmethod
-    async def start(cls, count: int, log_dir: Path) -> Swarm:
+    async def start(
+        cls, count: int, log_dir: Path, argv: Sequence[str] = (str(_HERE), "worker")
+    ) -> Swarm:
+        """`count` workers, each `argv` after the interpreter (a script whose worker mode runs
+        `serve_commands`), their stderr in `log_dir`/workerN.log."""
         swarm = cls()
         for index in range(count):
             with (log_dir / f"worker{index}.log").open("wb") as log:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable,
-                    str(_HERE),
-                    "worker",
+                    *argv,
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=log,
@@ -671,7 +719,12 @@ _DELAY = re.compile(r"delay=([\d.]+)")
 async def _provider_main(args: argparse.Namespace) -> None:
     """The fake OpenAI provider of cortex.testing; a user message "words=N" gets N chunks,
     "delay=S" (optional) S seconds between them."""
-    from cortex.testing.fake_openai import FakeOpenAI, Reply
+    from cortex.testing.fake_openai import (
+        FakeOpenAI,
+        Reply,
+        last_user_text,
+        serve_until_signalled,
+    )
 
     texts: dict[int, str] = {}
 
@@ -681,11 +734,7 @@ async def _provider_main(args: argparse.Namespace) -> None:
         return texts[n]
 
     def responder(body: dict[str, Any]) -> Reply:
-        last = ""
-        for message in reversed(body.get("messages", [])):
-            if message.get("role") == "user":
-                last = str(message.get("content") or "")
-                break
+        last = last_user_text(body)
         found = _WORDS.search(last)
         n = int(found[1]) if found else args.words
         delay = _DELAY.search(last)
@@ -693,16 +742,7 @@ async def _provider_main(args: argparse.Namespace) -> None:
 
     fake = FakeOpenAI()
     fake.responder = responder
-    base_url = await fake.start()
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, done.set)
-    print(f"READY {base_url}", flush=True)
-    try:
-        await done.wait()
-    finally:
-        await fake.stop()
+    await serve_until_signalled(fake)
 
 
 # ------------------------------------------------------------------------------ py-spy helper
@@ -908,13 +948,6 @@ def db_latency(
     return out
 
 
-def summarize_cpu(pids: Sequence[int]) -> float:
-    """CPU seconds used so far by these processes together."""
-    from _common import proc_cpu_seconds
-
-    return sum(proc_cpu_seconds(pid) for pid in pids)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -925,7 +958,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.mode == "worker":
         sys.path.insert(0, str(_HERE.parent.parent))
-        asyncio.run(_worker_main())
+        asyncio.run(serve_commands(WorkerState()))
     else:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         asyncio.run(_provider_main(args))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import sys
 import tempfile
 import time
@@ -38,21 +37,28 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
+    PROMPT,
     REPO,
-    Child,
     ForeignLoad,
     children,
-    log_problems,
     machine,
     median,
     percentile,
+    postgres_version,
+    postmaster_pid,
+    print_report,
     proc_cpu_seconds,
     proc_status,
+    raise_fd_limit,
+    server_settings,
     start_cortex,
     start_fake_provider,
     tree_cpu_seconds,
 )
-from _swarm import Profiler, Swarm, db_latency, raise_fd_limit, scrape, server_settings
+from _swarm import Profiler, Swarm, db_latency, scrape
+
+from cortex.testing.processes import Child, log_problems
+from cortex.testing.services import PostgresServer
 
 LIMIT_MS = 100.0
 STAGGER_S = 1.0
@@ -169,7 +175,7 @@ async def cortex_step(
             "chat",
             concurrency,
             TIMEOUT + 30,
-            content="Please write a long answer.",
+            content=PROMPT,
             start_at=start_at,
             stagger=STAGGER_S,
             timeout=TIMEOUT,
@@ -222,27 +228,15 @@ def next_step(steps: list[int], results: list[Step], refine: int) -> int | None:
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     if args.database != "postgres":
         return await measure_on(args, {}, None)
-    from cortex.testing.services import PostgresServer
-
     postgres = PostgresServer()
     try:
         await asyncio.to_thread(postgres.start)
         url = await asyncio.to_thread(postgres.create_database, "cortex_capacity")
-        assert postgres.folder is not None
-        pid_file = postgres.folder / "data" / "postmaster.pid"
-        postmaster = int(pid_file.read_text().split("\n", 1)[0])
-        report = await measure_on(args, {"CORTEX_DATABASE_URL": url}, postmaster)
+        report = await measure_on(args, {"CORTEX_DATABASE_URL": url}, postmaster_pid(postgres))
         report["database"] = f"postgres {postgres_version(postgres)}"
         return report
     finally:
         await asyncio.to_thread(postgres.stop)
-
-
-def postgres_version(postgres: Any) -> str:
-    with contextlib.suppress(OSError, IndexError):
-        assert postgres.folder is not None
-        return (postgres.folder / "data" / "PG_VERSION").read_text().strip()
-    return "?"
 
 
 async def measure_on(
@@ -454,12 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.steps) < 1 or args.tokens < 2 or args.workers < 1 or args.chunk_delay <= 0:
         parser.error("--steps, --workers, --chunk-delay must be positive, --tokens >= 2")
     report = asyncio.run(measure(args))
-    table = render(report)
-    if args.json:
-        print(table, file=sys.stderr)
-        print(json.dumps(report, indent=2))
-    else:
-        print(table)
+    print_report(report, render(report), args.json)
     return 0 if report["server"]["exit_code"] == 0 else 1
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import signal
 import sys
 import tempfile
@@ -38,19 +37,19 @@ from typing import Any
 
 from _common import (
     REPO,
-    Child,
     ForeignLoad,
     children,
-    clean_env,
-    log_problems,
     machine,
+    print_report,
     proc_cpu_seconds,
     proc_fd_count,
     proc_status,
-    start_child,
+    raise_fd_limit,
     start_cortex,
 )
-from _swarm import Profiler, Swarm, open_ws, raise_fd_limit
+from _swarm import Profiler, Swarm, open_ws
+
+from cortex.testing.processes import Child, clean_env, log_problems, start_process
 
 SERVERS = ("websockets", "websockets-nodeflate", "cortex")
 TIMEOUT = 300.0
@@ -112,10 +111,10 @@ async def start_server(kind: str, workdir: Path) -> Child:
             },
         )
     argv = [sys.executable, str(REPO / "bench" / "connections.py"), "--serve", kind]
-    child, line = await start_child(
-        kind, argv, env=clean_env({}), cwd=workdir, log_path=workdir / f"{kind}.log"
+    child = await start_process(
+        kind, argv, env=clean_env(), cwd=workdir, log_path=workdir / f"{kind}.log"
     )
-    child.url = line.split()[-1].replace("http://", "ws://") + "ws"
+    child.url = child.ready_line.split()[-1].replace("http://", "ws://") + "ws"
     return child
 
 
@@ -341,12 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.connections < 1 or args.workers < 1:
         parser.error("--connections and --workers must be positive")
     report = asyncio.run(measure(args))
-    table = render(report)
-    if args.json:
-        print(table, file=sys.stderr)
-        print(json.dumps(report, indent=2))
-    else:
-        print(table)
+    print_report(report, render(report), args.json)
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -39,18 +38,21 @@ from typing import Any
 
 from _common import (
     REPO,
-    Child,
     ForeignLoad,
     children,
-    log_problems,
     machine,
     median,
+    print_report,
     proc_cpu_seconds,
     proc_status,
+    raise_fd_limit,
+    server_settings,
     start_cortex,
     start_fake_provider,
 )
-from _swarm import Profiler, RawWs, Swarm, open_ws, raise_fd_limit, server_settings
+from _swarm import Profiler, RawWs, Swarm, open_ws
+
+from cortex.testing.processes import Child, log_problems
 
 TIMEOUT = 180.0
 SERVER_SETTINGS = {
@@ -90,15 +92,6 @@ class Row:
         return float(statistics.median(float(getattr(r, name)) for r in self.runs))
 
 
-async def new_conversation(sender: RawWs) -> str:
-    """A conversation with one short exchange, so that the timed send is a plain follow-up."""
-    sender.reset()
-    ack = await sender.request({"type": "send", "content": "words=1"}, TIMEOUT)
-    assert sender.final_waiter is not None
-    await asyncio.wait_for(sender.final_waiter, TIMEOUT)
-    return str(ack["conversation_id"])
-
-
 async def one_reply(
     sender: RawWs,
     swarm: Swarm,
@@ -108,7 +101,9 @@ async def one_reply(
     delay: float,
     spy: Profiler | None = None,
 ) -> Run:
-    conversation = await new_conversation(sender)
+    # A conversation with one short exchange, so that the timed send is a plain follow-up.
+    await sender.converse("words=1", TIMEOUT)
+    conversation = str(sender.conversation_id)
     acks = await swarm.each("subscribe", TIMEOUT, conversation_id=conversation, timeout=60.0)
     acked = sum(a["acked"] for a in acks)
     if acked != subscribers:
@@ -380,12 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.subscribers) < 1 or args.tokens < 4 or args.repeat < 1 or args.workers < 1:
         parser.error("--subscribers, --repeat and --workers must be positive, --tokens >= 4")
     report = asyncio.run(measure(args))
-    table = render(report)
-    if args.json:
-        print(table, file=sys.stderr)
-        print(json.dumps(report, indent=2))
-    else:
-        print(table)
+    print_report(report, render(report), args.json)
     return 0 if report["server"]["exit_code"] == 0 else 1
 
 

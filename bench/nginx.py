@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from _common import Child, log_tail
+from cortex.testing.processes import Child, log_tail
 
 NGINX = "/usr/sbin/nginx"
 READY_TIMEOUT = 20.0
@@ -139,3 +139,17 @@ async def start_nginx(folder: Path, port: int, upstreams: Sequence[int], workers
         await child.stop(timeout=5)
         raise
     return child
+
+
+def nginx_problems(path: Path, limit: int = 10) -> tuple[int, list[str]]:
+    """Lines of nginx's error log at level error or worse: count and first ones."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return 0, []
+    bad = [
+        line
+        for line in text.splitlines()
+        if any(f"[{level}]" in line for level in ("error", "crit", "alert", "emerg"))
+    ]
+    return len(bad), bad[:limit]

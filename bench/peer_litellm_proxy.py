@@ -27,75 +27,44 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import sqlite3
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from _common import (
+    PROMPT,
     REPO,
-    Child,
+    SYSTEM_PROMPT,
+    Batch,
     ForeignLoad,
+    Stream,
+    Summary,
     children,
-    clean_env,
-    log_problems,
-    log_tail,
     machine,
-    median,
+    print_report,
     proc_cpu_seconds,
     proc_status,
+    server_settings,
     start_cortex,
     start_fake_provider,
+    summarize,
     tree_cpu_seconds,
 )
-from _swarm import Profiler, RawWs, open_ws, server_settings
+from _swarm import Profiler, RawWs, open_ws
 
-SYSTEM_PROMPT = "You are a helpful assistant."  # Cortex's default, sent by both
-PROMPT = "Please write a long answer."
+from cortex.testing.processes import Child, clean_env, log_problems, log_tail
+from cortex.testing.services import free_port
+
 TIMEOUT = 180.0
 
 
-@dataclass
-class Stream:
-    first: float  # seconds from the request to the first content chunk / delta
-    total: float  # seconds from the request to the end of the stream / final message
-    chunks: int  # content chunks (proxy) or delta frames (cortex)
-    chars: int
-
-
-@dataclass
-class Batch:
-    wall: float
-    cpu: float  # CPU seconds of the relaying server (its process tree)
-    streams: list[Stream]
-
-
-@dataclass
-class Summary:
-    path: str
-    concurrency: int
-    total_ms: float  # median batch wall time
-    first_ms: float  # median first-token time over every stream of every repeat
-    stream_ms: float  # median per-stream total
-    cpu_us_per_chunk: float
-    frames_per_stream: float
-    chars: int
-    batches: list[dict[str, Any]] = field(default_factory=list)
-
-
 # ------------------------------------------------------------------------- LiteLLM's proxy
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def start_proxy(workdir: Path, api_base: str, timeout: float = 180.0) -> Child:
@@ -204,12 +173,8 @@ async def proxy_batch(session: aiohttp.ClientSession, proxy: Child, concurrency:
 
 
 async def cortex_stream(ws: RawWs) -> Stream:
-    ws.reset()
     start = time.monotonic()
-    ws.send_json({"type": "send", "content": PROMPT})
-    assert ws.final_waiter is not None
-    await asyncio.wait_for(ws.final_waiter, TIMEOUT)
-    final = ws.final or {}
+    final = await ws.converse(PROMPT, TIMEOUT)
     if final.get("status") != "complete":
         raise RuntimeError(f"reply ended {final.get('status')}: {ws.errors}")
     return Stream(
@@ -238,27 +203,6 @@ def stored(db: Path) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------- the run
-
-
-def summarize(path: str, concurrency: int, chunks: int, batches: list[Batch]) -> Summary:
-    return Summary(
-        path=path,
-        concurrency=concurrency,
-        total_ms=median([b.wall for b in batches]) * 1000,
-        first_ms=median([s.first for b in batches for s in b.streams]) * 1000,
-        stream_ms=median([s.total for b in batches for s in b.streams]) * 1000,
-        cpu_us_per_chunk=sum(b.cpu for b in batches) / (chunks * concurrency * len(batches)) * 1e6,
-        frames_per_stream=median([float(s.chunks) for b in batches for s in b.streams]),
-        chars=max(s.chars for b in batches for s in b.streams),
-        batches=[
-            {
-                "wall_ms": round(b.wall * 1000, 1),
-                "cpu_ms": round(b.cpu * 1000),
-                "first_ms": [round(s.first * 1000, 1) for s in b.streams],
-            }
-            for b in batches
-        ],
-    )
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -437,12 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(sys.executable).parent / "litellm").exists():
         parser.error("the `litellm` CLI is not installed (LiteLLM's proxy extras)")
     report = asyncio.run(measure(args))
-    table = render(report)
-    if args.json:
-        print(table, file=sys.stderr)
-        print(json.dumps(report, indent=2))
-    else:
-        print(table)
+    print_report(report, render(report), args.json)
     return 0 if report["cortex"]["exit_code"] == 0 else 1
 
 

@@ -46,7 +46,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,19 +54,28 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from _common import (
+    PROMPT,
     REPO,
-    Child,
-    log_problems,
     machine,
+    machine_cpu,
     percentile,
+    postmaster_pid,
+    print_report,
     proc_status,
     process_table,
+    raise_fd_limit,
+    server_settings,
     start_cortex,
     start_fake_provider,
     tree_cpu,
 )
+from _swarm import Swarm, Worker, WorkerState, open_ws, reply_problem, scrape, serve_commands
+from nginx import nginx_problems, start_nginx
+from websockets.asyncio.client import ClientConnection, connect
 
-PROMPT = "Please write a long answer."
+from cortex.testing.processes import Child, log_problems
+from cortex.testing.services import PostgresServer, RedisServer, free_port
+
 SECOND_PROMPT = "And once more, please."
 ROUND_TIMEOUT = 120.0  # the timed phase of one round
 CHECK_TIMEOUT = 60.0  # the cross-process and history checks of one round
@@ -80,141 +89,38 @@ def expected_text(tokens: int) -> str:
     return " ".join(f"word{i}" for i in range(tokens))
 
 
-def check_stream(
-    pieces: Sequence[tuple[int, str]], final: dict[str, Any] | None, expected: str
-) -> str:
-    """What is wrong with one received reply, or "" when it is whole and right."""
-    if final is None:
-        return "no final message"
-    if final.get("status") != "complete":
-        return f"final status {final.get('status')!r} ({final.get('error_code')})"
-    if final.get("content") != expected:
-        got = final.get("content") or ""
-        return f"final content differs ({len(got)} chars, expected {len(expected)})"
-    if not pieces:
-        return "no delta"
-    position = 0
-    for offset, text in pieces:
-        if offset != position:
-            return f"delta at offset {offset} where {position} was expected"
-        position += len(text)
-    text = "".join(t for _, t in pieces)
-    if text != expected:
-        at = next((i for i, (a, b) in enumerate(zip(text, expected, strict=False)) if a != b), -1)
-        return f"delta text differs ({len(text)} chars, expected {len(expected)}; first at {at})"
-    return ""
-
-
 # ----------------------------------------------------------------------- the client process
 
 
-async def _client_main() -> None:
-    """Commands as JSON lines on stdin, one JSON line of result each on stdout."""
-    from _swarm import _DELTA_PREFIX, RawWs, raise_fd_limit
+class ScaleClient(WorkerState):
+    """The client process of a round (this script in `client` mode): a swarm worker with the
+    round's warm-up and its cross-process and history checks besides."""
 
-    class StreamWs(RawWs):
-        """A lean client that also keeps every delta's offset and text (to check them)."""
-
-        def __init__(self, *args: Any) -> None:
-            super().__init__(*args)
-            self.pieces: list[tuple[int, str]] = []
-
-        def reset(self, keep_times: bool = False) -> None:
-            super().reset(keep_times)
-            self.pieces = []
-
-        def _text(self, payload: bytes, now: float) -> None:
-            if payload.startswith(_DELTA_PREFIX):
-                try:
-                    event = json.loads(payload)
-                    self.pieces.append((int(event["offset"]), str(event["text"])))
-                except (ValueError, KeyError, TypeError):
-                    self.errors.append(f"undecodable delta of {len(payload)} bytes")
-            super()._text(payload, now)
-
-    async def open_stream_ws(url: str, timeout: float) -> StreamWs:
-        parts = urlsplit(url)
-        host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout):
-            _transport, ws = await loop.create_connection(
-                lambda: StreamWs(host, port, parts.path or "/", False), host, port
-            )
-            await ws.opened
-        return ws
-
-    raise_fd_limit()
-    conns: list[StreamWs] = []
-
-    async def op_warm(urls: list[str], per_url: int, expected: str, timeout: float) -> dict:
+    async def op_warm(
+        self, urls: list[str], per_url: int, expected: str, timeout: float
+    ) -> dict[str, Any]:
         """`per_url` conversations on each server, directly: first-call costs, not counted."""
 
         async def one(url: str) -> str:
-            ws = await open_stream_ws(url, timeout)
+            ws = await open_ws(url, timeout=timeout)
             try:
-                ws.reset()
-                ws.send_json({"type": "send", "content": PROMPT})
-                assert ws.final_waiter is not None
-                await asyncio.wait_for(ws.final_waiter, timeout)
-                return check_stream(ws.pieces, ws.final, expected)
+                final = await ws.converse(PROMPT, timeout, keep_pieces=True)
+                return reply_problem(ws.pieces or [], final, expected)
             finally:
                 await ws.close()
 
         problems = await asyncio.gather(*(one(u) for u in urls for _ in range(per_url)))
         return {"problems": [p for p in problems if p]}
 
-    async def op_open(url: str, n: int, parallel: int, timeout: float) -> dict:
-        """`n` connections through nginx, at most `parallel` handshakes at a time."""
-        gate = asyncio.Semaphore(parallel)
-
-        async def one() -> None:
-            async with gate:
-                conns.append(await open_stream_ws(url, timeout))
-
-        await asyncio.gather(*(one() for _ in range(n)))
-        return {"opened": len(conns)}
-
-    async def op_chat(expected: str, stagger: float, timeout: float) -> dict:
-        """Each connection sends a new conversation's first message (the i-th at
-        i * stagger / n after the first); every delta's arrival time is kept."""
-        n = len(conns)
-        start = time.monotonic()
-
-        async def one(i: int, ws: StreamWs) -> dict[str, Any]:
-            ws.reset(keep_times=True)
-            await asyncio.sleep(max(0.0, start + i * stagger / n - time.monotonic()))
-            sent = time.monotonic()
-            ws.send_json({"type": "send", "content": PROMPT, "client_msg_id": f"scale-{i}"})
-            assert ws.final_waiter is not None
-            with contextlib.suppress(TimeoutError, ConnectionError):
-                await asyncio.wait_for(ws.final_waiter, timeout)
-            text = "".join(t for _, t in ws.pieces)
-            problem = check_stream(ws.pieces, ws.final, expected)
-            if ws.errors:
-                problem = "; ".join([problem, *ws.errors[:3]]).strip("; ")
-            return {
-                "sent": sent,
-                "first": ws.first_delta,
-                "final": ws.final_time,
-                "times": list(ws.delta_times),
-                "chars": len(text),
-                "chunks": len(text.split()),
-                "conversation_id": ws.conversation_id,
-                "problem": problem,
-                "close": ws.close_code,
-            }
-
-        streams = await asyncio.gather(*(one(i, ws) for i, ws in enumerate(conns)))
-        return {"streams": streams}
-
     async def op_check(
+        self,
         urls: list[str],
         nginx_url: str,
         conversation_ids: list[str],
         k: int,
         expected: str,
         timeout: float,
-    ) -> dict:
+    ) -> dict[str, Any]:
         """The cross-process check on the first `k` conversations, then every history."""
         cross = await asyncio.gather(
             *(
@@ -225,41 +131,13 @@ async def _client_main() -> None:
         history = await _history_check(nginx_url, conversation_ids, k, expected, timeout)
         return {"cross": list(cross), "history": history}
 
-    async def op_close(timeout: float) -> dict:
-        await asyncio.gather(*(ws.close(timeout) for ws in conns), return_exceptions=True)
-        closed = len(conns)
-        conns.clear()
-        return {"closed": closed}
 
-    ops = {
-        "warm": op_warm,
-        "open": op_open,
-        "chat": op_chat,
-        "check": op_check,
-        "close": op_close,
-    }
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 26)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    while True:
-        line = await reader.readline()
-        if not line:
-            break
-        command = json.loads(line)
-        op = command.pop("op")
-        if op == "exit":
-            break
-        try:
-            result = await ops[op](**command)
-            result["ok"] = True
-        except Exception as exc:  # reported to the bench, which fails the run
-            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        sys.stdout.write(json.dumps(result) + "\n")
-        sys.stdout.flush()
-    await op_close(2.0)
-
-
-async def _until(ws: Any, events: list[dict[str, Any]], done: Any, timeout: float) -> None:
+async def _until(
+    ws: ClientConnection,
+    events: list[dict[str, Any]],
+    done: Callable[[dict[str, Any]], bool],
+    timeout: float,
+) -> None:
     """Receive (websockets client) into `events` until `done(event)` is true."""
     async with asyncio.timeout(timeout):
         while True:
@@ -269,21 +147,20 @@ async def _until(ws: Any, events: list[dict[str, Any]], done: Any, timeout: floa
                 return
 
 
-def _final_of(events: list[dict[str, Any]], skip: set[str]) -> dict[str, Any] | None:
+def _final_of(events: list[dict[str, Any]]) -> dict[str, Any] | None:
     for event in events:
         message = event.get("message") or {}
         if (
             event.get("type") == "message"
             and message.get("role") == "assistant"
             and message.get("status") != "streaming"
-            and message.get("id") not in skip
         ):
             return message
     return None
 
 
-def _reply_problem(events: list[dict[str, Any]], expected: str, skip: set[str]) -> str:
-    final = _final_of(events, skip)
+def _reply_problem(events: list[dict[str, Any]], expected: str) -> str:
+    final = _final_of(events)
     if final is None:
         errors = [e for e in events if e.get("type") == "error"]
         return f"no final message{f' (error: {errors[0]})' if errors else ''}"
@@ -292,7 +169,7 @@ def _reply_problem(events: list[dict[str, Any]], expected: str, skip: set[str]) 
         for e in events
         if e.get("type") == "delta" and e.get("message_id") == final["id"]
     ]
-    return check_stream(pieces, final, expected)
+    return reply_problem(pieces, final, expected)
 
 
 async def _cross_check(
@@ -300,17 +177,11 @@ async def _cross_check(
 ) -> dict[str, Any]:
     """The watcher (on one process) subscribes; the sender (on another) sends a second
     message; both must get the whole reply."""
-    from websockets.asyncio.client import connect
 
     def is_final(event: dict[str, Any]) -> bool:
-        message = event.get("message") or {}
-        return (
-            event.get("type") == "message"
-            and message.get("role") == "assistant"
-            and message.get("status") != "streaming"
-        ) or event.get("type") == "error"
+        return event.get("type") == "error" or _final_of([event]) is not None
 
-    result = {"sender": sender_url, "watcher": watcher_url, "problems": []}
+    problems: list[str] = []
     try:
         async with (
             connect(sender_url, open_timeout=timeout, max_size=None) as sender,
@@ -334,12 +205,12 @@ async def _cross_check(
                 _until(sender, sent, is_final, timeout), _until(watcher, watched, is_final, timeout)
             )
             for who, events in (("sender", sent), ("watcher", watched)):
-                problem = _reply_problem(events, expected, set())
+                problem = _reply_problem(events, expected)
                 if problem:
-                    result["problems"].append(f"{who}: {problem}")
+                    problems.append(f"{who}: {problem}")
     except (OSError, TimeoutError, RuntimeError) as exc:
-        result["problems"].append(f"{type(exc).__name__}: {exc}")
-    return result
+        problems.append(f"{type(exc).__name__}: {exc}")
+    return {"sender": sender_url, "watcher": watcher_url, "problems": problems}
 
 
 async def _history_check(
@@ -347,8 +218,6 @@ async def _history_check(
 ) -> dict[str, Any]:
     """Every conversation's stored messages, read through nginx: 1 user message and one
     complete reply with the expected text (2 of each for the first `k`)."""
-    from websockets.asyncio.client import connect
-
     problems: list[str] = []
     async with connect(url, open_timeout=timeout, max_size=None) as ws:
         for i, cid in enumerate(conversation_ids):
@@ -372,78 +241,11 @@ async def _history_check(
     return {"checked": len(conversation_ids), "problems": problems}
 
 
-@dataclass
-class ClientProcess:
-    """The client process as the bench drives it."""
-
-    proc: asyncio.subprocess.Process
-
-    @classmethod
-    async def start(cls, log_path: Path) -> ClientProcess:
-        with log_path.open("wb") as log:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                str(_HERE),
-                "client",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log,
-                limit=1 << 26,
-            )
-        return cls(proc)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    async def call(self, op: str, wait: float, **args: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write((json.dumps({"op": op, **args}) + "\n").encode())
-        await self.proc.stdin.drain()
-        try:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), wait)
-        except TimeoutError:
-            raise RuntimeError(f"client process: {op} did not answer within {wait:g} s") from None
-        if not line:
-            raise RuntimeError(f"client process exited (code {self.proc.returncode})")
-        result: dict[str, Any] = json.loads(line)
-        if not result.get("ok"):
-            raise RuntimeError(f"client process: {op} failed: {result.get('error')}")
-        return result
-
-    async def stop(self) -> None:
-        if self.proc.returncode is None and self.proc.stdin is not None:
-            with contextlib.suppress(Exception):
-                self.proc.stdin.write(b'{"op":"exit"}\n')
-                await self.proc.stdin.drain()
-        try:
-            await asyncio.wait_for(self.proc.wait(), 10)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            await self.proc.wait()
-
-
 # ---------------------------------------------------------------------------- the bench
-
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def machine_cpu() -> tuple[float, float, float]:
-    """(busy, steal, total) CPU seconds of the machine so far, from /proc/stat; unlike
-    `_common.system_cpu`, busy leaves out steal (time the hypervisor gave to other guests)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
-    steal = fields[7]
-    busy = total - fields[3] - fields[4] - steal
-    return busy / _CLK_TCK, steal / _CLK_TCK, total / _CLK_TCK
 
 
 async def _server_counts(urls: Sequence[str]) -> list[tuple[int, int]]:
     """(open connections, replies so far) of each Cortex process, from its /metrics."""
-    from _swarm import scrape
-
     counts = []
     for url in urls:
         samples = await scrape(url)
@@ -458,13 +260,6 @@ def _redis_flushall(port: int) -> None:
         sock.sendall(b"FLUSHALL\r\n")
         if not sock.recv(64).startswith(b"+OK"):
             raise RuntimeError("Redis FLUSHALL failed")
-
-
-def _postmaster_pid(pg: Any) -> int:
-    try:
-        return int((Path(pg.folder) / "data" / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, TypeError, IndexError):
-        return -1
 
 
 @dataclass
@@ -510,19 +305,21 @@ class Round:
 def summarize(procs: int, streams: list[dict[str, Any]]) -> dict[str, Any]:
     gaps: list[float] = []
     for s in streams:
-        times = s["times"]
-        gaps.extend((b - a) * 1000 for a, b in zip(times, times[1:], strict=False))
+        times = s["times_us"]
+        gaps.extend((b - a) / 1000 for a, b in zip(times, times[1:], strict=False))
     firsts = [(s["first"] - s["sent"]) * 1000 for s in streams if s["first"]]
     start = min(s["sent"] for s in streams)
     end = max(s["final"] or s["sent"] for s in streams)
     wall = end - start
+    chunks = sum(s["chunks"] for s in streams)
+    frames = sum(len(s["times_us"]) for s in streams)
     return {
         "procs": procs,
         "conversations": len(streams),
         "completed": sum(1 for s in streams if not s["problem"]),
-        "chunks": sum(s["chunks"] for s in streams),
-        "chunks_per_s": sum(s["chunks"] for s in streams) / wall if wall > 0 else float("nan"),
-        "frames_per_s": sum(len(s["times"]) for s in streams) / wall if wall > 0 else float("nan"),
+        "chunks": chunks,
+        "chunks_per_s": chunks / wall if wall > 0 else float("nan"),
+        "frames_per_s": frames / wall if wall > 0 else float("nan"),
         "gap_p50_ms": percentile(gaps, 50),
         "gap_p99_ms": percentile(gaps, 99),
         "first_p50_ms": percentile(firsts, 50),
@@ -545,16 +342,15 @@ async def _start_servers(
         folder.mkdir(parents=True, exist_ok=True)
     results = await asyncio.gather(
         *(
-            asyncio.wait_for(start_cortex(folder, api_base, settings), START_TIMEOUT)
+            start_cortex(folder, api_base, settings, name=folder.name, timeout=START_TIMEOUT)
             for folder in folders
         ),
         return_exceptions=True,
     )
     servers: list[Child] = []
     failures: list[BaseException] = []
-    for folder, result in zip(folders, results, strict=True):
+    for result in results:
         if isinstance(result, Child):
-            result.name = folder.name
             servers.append(result)
         else:
             failures.append(result)
@@ -569,15 +365,11 @@ async def run_round(
     index: int,
     n: int,
     workdir: Path,
-    pg: Any,
-    redis: Any,
+    pg: PostgresServer,
+    redis: RedisServer,
     fake: Child,
     expected: str,
 ) -> Round:
-    from nginx import start_nginx
-
-    from cortex.testing.services import free_port
-
     database = await asyncio.to_thread(pg.create_database, f"scale_{index}_{n}")
     await asyncio.to_thread(_redis_flushall, redis.port)
     roundir = workdir / f"round{index}-{n}"
@@ -588,17 +380,17 @@ async def run_round(
         "CORTEX_NUM_RETRIES": "0",
         "CORTEX_SHUTDOWN_GRACE_S": "1",
         "CORTEX_MAX_CONNECTIONS": "50000",
-        **dict(pair.split("=", 1) for pair in args.set),
+        **server_settings(args.set),
     }
     started: list[Child] = []
-    client: ClientProcess | None = None
+    client: Worker | None = None
     try:
         servers = await _start_servers(n, roundir, fake.url, settings, started)
         nginx = await start_nginx(
             roundir / "nginx", free_port(), [int(urlsplit(s.url).port or 0) for s in servers]
         )
         started.append(nginx)
-        client = await ClientProcess.start(roundir / "client.log")
+        client = (await Swarm.start(1, roundir, argv=(str(_HERE), "client"))).workers[0]
         direct = [s.url for s in servers]
         warm = await client.call(
             "warm",
@@ -609,14 +401,22 @@ async def run_round(
             timeout=60.0,
         )
         warm_problems = [f"warm-up: {p}" for p in warm["problems"]]
-        await client.call(
-            "open", 60.0, url=nginx.url, n=args.conversations, parallel=10, timeout=30.0
+        opened = await client.call(
+            "connect",
+            60.0,
+            url=nginx.url,
+            n=args.conversations,
+            parallel=10,
+            offer_deflate=False,
+            timeout=30.0,
         )
+        if opened["opened"] != args.conversations:
+            raise RuntimeError(f"could not open {args.conversations} connections: {opened}")
         server_pids = [s.pid for s in servers]
         groups = {
             "cortex": server_pids,
             "nginx": [nginx.pid],
-            "pg+redis": [_postmaster_pid(pg), getattr(getattr(redis, "_process", None), "pid", -1)],
+            "pg+redis": [postmaster_pid(pg), getattr(getattr(redis, "_process", None), "pid", -1)],
             "provider": [fake.pid],
             "client": [client.pid],
             "bench": [],
@@ -628,9 +428,13 @@ async def run_round(
         chat = await client.call(
             "chat",
             ROUND_TIMEOUT + 30,
-            expected=expected,
+            n=args.conversations,
+            content=PROMPT,
+            start_at=time.monotonic(),
             stagger=args.stagger,
             timeout=ROUND_TIMEOUT,
+            expected=expected,
+            tag="scale",
         )
         span = time.monotonic() - t0
         table1 = process_table()
@@ -684,7 +488,7 @@ async def run_round(
         result.problems = warm_problems + result.problems
     finally:
         if client is not None:
-            await client.stop()
+            await Swarm([client]).stop()
         codes: dict[str, int | None] = {}
         for child in reversed(started):
             with contextlib.suppress(Exception):
@@ -695,29 +499,13 @@ async def run_round(
         count, lines = log_problems(server.log_path, limit=10)
         result.log_errors += count
         result.log_error_lines += [f"{server.name}: {line}" for line in lines]
-    count, lines = _nginx_problems(nginx.log_path)
+    count, lines = nginx_problems(nginx.log_path)
     result.log_errors += count
     result.log_error_lines += [f"nginx: {line}" for line in lines]
     return result
 
 
-def _nginx_problems(path: Path, limit: int = 10) -> tuple[int, list[str]]:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return 0, []
-    bad = [
-        line
-        for line in text.splitlines()
-        if any(f"[{level}]" in line for level in ("error", "crit", "alert", "emerg"))
-    ]
-    return len(bad), bad[:limit]
-
-
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    from _swarm import raise_fd_limit
-
-    from cortex.testing.services import PostgresServer, RedisServer
 
     raise_fd_limit()
     expected = expected_text(args.tokens)
@@ -926,20 +714,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--procs and --conversations must be positive, --tokens at least 2")
     if args.chunk_delay < 0 or args.stagger < 0 or args.check < 0:
         parser.error("--chunk-delay, --stagger and --check must not be negative")
-    for pair in args.set:
-        if "=" not in pair or not pair.startswith("CORTEX_"):
-            parser.error(f"--set wants CORTEX_NAME=value, not {pair!r}")
+    try:
+        server_settings(args.set)
+    except SystemExit as exc:
+        parser.error(str(exc))
     if args.keep:
         keep = Path(args.keep).resolve()
         keep.mkdir(parents=True, exist_ok=True)
         args.keep = str(keep)
     report = asyncio.run(measure(args))
-    table = render(report)
-    if args.json:
-        print(table, file=sys.stderr)
-        print(json.dumps(report, indent=2))
-    else:
-        print(table)
+    print_report(report, render(report), args.json)
     ok = all(
         Round(**r).correct and not r["log_errors"] and all(c == 0 for c in r["server_exit_codes"])
         for r in report["rounds"]
@@ -950,6 +734,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     if sys.argv[1:2] == ["client"]:
-        asyncio.run(_client_main())
+        asyncio.run(serve_commands(ScaleClient()))
     else:
         sys.exit(main())

@@ -36,62 +36,35 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from _common import (
+    PROMPT,
     REPO,
-    Child,
+    Batch,
     ForeignLoad,
+    Stream,
+    Summary,
     children,
-    log_problems,
+    litellm_chunks,
     machine,
-    median,
+    print_report,
     proc_cpu_seconds,
     proc_status,
     start_cortex,
     start_fake_provider,
+    summarize,
 )
 from websockets.asyncio.client import ClientConnection, connect
 
-SYSTEM_PROMPT = "You are a helpful assistant."  # Cortex's default, sent by both modes
-PROMPT = "Please write a long answer."
+from cortex.testing.processes import Child, log_problems
+
 SETTLE_S = 0.5  # quiet before every timed batch, both modes alike
 TIMEOUT = 120.0  # per batch, plus a second per 200 chunks in it (C=200 x 1,000 chunks: 1,120 s)
-
-
-@dataclass
-class StreamTiming:
-    """One stream: seconds from the request to its first content chunk and to its end."""
-
-    first: float
-    total: float
-    chunks: int  # content chunks (direct) or delta frames (cortex) received
-
-
-@dataclass
-class Batch:
-    """C concurrent streams started together."""
-
-    wall: float  # first request to last end
-    cpu: float  # CPU seconds of the process doing the LiteLLM work (this one or the server)
-    streams: list[StreamTiming]
-
-
-@dataclass
-class Summary:
-    mode: str
-    concurrency: int
-    repeats: int
-    first_chunk_ms: float  # median over every stream of every repeat
-    total_ms: float  # median over repeats of the batch wall time
-    chunks_per_s: float  # C * chunks / median wall time
-    cpu_us_per_chunk: float  # over all repeats
-    frames_per_stream: float  # median content chunks / delta frames per stream
-    batches: list[dict[str, Any]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------- (a) LiteLLM directly
@@ -104,39 +77,31 @@ def window_hook() -> Hook | None:
     """Cortex's bound on LiteLLM's per-stream chunk list, if this Cortex has one.
 
     LiteLLM keeps every chunk of a stream and works over the whole list at its end; Cortex
-    replaces that list with a short window. Applied to a direct call, it gives a second
-    baseline: what is left of the difference is Cortex's own work.
+    replaces that (still empty) list with a short window, `cortex.llm.ChunkWindow`. Applied to
+    a direct call, it gives a second baseline: what is left of the difference is Cortex's own
+    work.
     """
-    from cortex import llm
+    import cortex.llm
 
-    hook = getattr(llm, "_bound_chunk_history", None)
-    return hook if callable(hook) else None
+    window: Callable[[], list[Any]] | None = getattr(cortex.llm, "ChunkWindow", None)
+    if window is None:
+        return None
+
+    def bound(response: Any) -> None:
+        chunks = getattr(response, "chunks", None)
+        if isinstance(chunks, list) and not chunks:
+            response.chunks = window()
+
+    return bound
 
 
-async def direct_stream(litellm: ModuleType, api_base: str, hook: Hook | None) -> StreamTiming:
+async def direct_stream(litellm: ModuleType, api_base: str, hook: Hook | None) -> Stream:
+    times: list[float] = []
     start = time.perf_counter()
-    first = 0.0
-    chunks = 0
-    response = await litellm.acompletion(
-        model="openai/fake",
-        api_base=api_base,
-        api_key="sk-fake",
-        messages=[
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": PROMPT},
-        ],
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    if hook is not None:
-        hook(response)
-    async for chunk in response:
-        if chunk.choices and chunk.choices[0].delta.content:
-            if not first:
-                first = time.perf_counter()
-            chunks += 1
+    await litellm_chunks(litellm, api_base, times, time.perf_counter, hook)
     end = time.perf_counter()
-    return StreamTiming(first=first - start, total=end - start, chunks=chunks)
+    first = times[0] if times else start
+    return Stream(first=first - start, total=end - start, chunks=len(times))
 
 
 def batch_timeout(streams: int, chunks: int) -> float:
@@ -162,7 +127,7 @@ async def direct_batch(
 _rids = itertools.count(1)
 
 
-async def cortex_stream(ws: ClientConnection) -> StreamTiming:
+async def cortex_stream(ws: ClientConnection) -> Stream:
     """Send a message in a new conversation; read up to the reply's final `message`."""
     rid = f"b{next(_rids)}"
     frame = json.dumps({"type": "send", "content": PROMPT, "client_msg_id": rid})
@@ -186,7 +151,7 @@ async def cortex_stream(ws: ClientConnection) -> StreamTiming:
                 break
         elif kind == "error":
             raise RuntimeError(f"error event: {event}")
-    return StreamTiming(first=first - start, total=end - start, chunks=deltas)
+    return Stream(first=first - start, total=end - start, chunks=deltas)
 
 
 async def cortex_batch(clients: list[ClientConnection], server: Child, chunks: int) -> Batch:
@@ -224,32 +189,6 @@ async def drain(ws: ClientConnection) -> None:
 
 
 # ------------------------------------------------------------------------------- the run
-
-
-def summarize(mode: str, concurrency: int, chunks: int, batches: list[Batch]) -> Summary:
-    walls = [b.wall for b in batches]
-    firsts = [s.first for b in batches for s in b.streams]
-    frames = [float(s.chunks) for b in batches for s in b.streams]
-    cpu = sum(b.cpu for b in batches)
-    total_chunks = chunks * concurrency * len(batches)
-    return Summary(
-        mode=mode,
-        concurrency=concurrency,
-        repeats=len(batches),
-        first_chunk_ms=median(firsts) * 1000,
-        total_ms=median(walls) * 1000,
-        chunks_per_s=concurrency * chunks / median(walls),
-        cpu_us_per_chunk=cpu / total_chunks * 1e6,
-        frames_per_stream=median(frames),
-        batches=[
-            {
-                "wall_ms": round(b.wall * 1000, 2),
-                "cpu_ms": round(b.cpu * 1000, 1),
-                "first_ms": [round(s.first * 1000, 2) for s in b.streams],
-            }
-            for b in batches
-        ],
-    )
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -345,14 +284,14 @@ def render(report: dict[str, Any]) -> str:
     ]
     by_conc: dict[int, dict[str, dict[str, Any]]] = {}
     for r in report["results"]:
-        by_conc.setdefault(r["concurrency"], {})[r["mode"]] = r
+        by_conc.setdefault(r["concurrency"], {})[r["path"]] = r
     for conc, modes in by_conc.items():
         for mode in ("litellm", "litellm+w", "cortex"):
             if mode not in modes:
                 continue
             r = modes[mode]
             out.append(
-                f"{conc:>4}  {mode:<8} {r['first_chunk_ms']:>14.2f} {r['total_ms']:>9.1f} "
+                f"{conc:>4}  {mode:<8} {r['first_ms']:>14.2f} {r['total_ms']:>9.1f} "
                 f"{r['chunks_per_s']:>9.0f} {r['cpu_us_per_chunk']:>12.0f} "
                 f"{r['frames_per_stream']:>7.0f}"
             )
@@ -363,7 +302,7 @@ def render(report: dict[str, Any]) -> str:
             a = modes[base]
             out.append(
                 f"{'':>4}  cortex/{base:<9} throughput {b['chunks_per_s'] / a['chunks_per_s']:.3f}"
-                f", first chunk {b['first_chunk_ms'] - a['first_chunk_ms']:+.2f} ms"
+                f", first chunk {b['first_ms'] - a['first_ms']:+.2f} ms"
                 f", CPU per chunk x{b['cpu_us_per_chunk'] / a['cpu_us_per_chunk']:.2f}"
             )
     s = report["server"]
@@ -425,12 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.chunks < 1 or args.repeat < 1 or min(args.concurrency) < 1:
         parser.error("--chunks, --repeat and --concurrency must be positive")
     report = asyncio.run(measure(args))
-    table = render(report)
-    if args.json:
-        print(table, file=sys.stderr)
-        print(json.dumps(report, indent=2))
-    else:
-        print(table)
+    print_report(report, render(report), args.json)
     return 0 if report["server"]["exit_code"] == 0 else 1
 
 

@@ -64,6 +64,7 @@ class Cortex:
         self.tools: ToolRegistry = build_registry(
             modules=settings.tool_modules, enabled=settings.tools
         )
+        self.metrics.known_tools(self.tools.names)
         self.router = Router(
             settings=settings,
             store=self.store,

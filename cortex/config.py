@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     litellm_remote_cost_map: bool = False
 
     max_message_chars: int = Field(default=32_000, gt=0)
+    max_reply_chars: int = Field(default=200_000, ge=1000)  # a reply stops there (too_large)
     max_frame_bytes: int = Field(default=1_048_576, ge=1024)
     checkpoint_ms: int = Field(default=500, ge=10)
     history_page_max: int = Field(default=200, ge=1)
@@ -73,6 +74,9 @@ class Settings(BaseSettings):
     rate_per_s: float = Field(default=20.0, gt=0)
     rate_burst: int = Field(default=60, ge=1)
     rate_strikes: int = Field(default=20, ge=1)
+    # Bytes a connection may send a second, and in a burst (frames of an upload aside).
+    rate_bytes_per_s: int = Field(default=1_048_576, ge=1024)
+    rate_bytes_burst: int = Field(default=4 * 1_048_576, ge=1024)
     max_connections: int = Field(default=10_000, ge=1)
     uvloop: bool = True  # `cortex serve` runs on uvloop when it is installed
 

@@ -40,6 +40,7 @@ class CortexError(Exception):
 
 class ProtocolError(CortexError):
     code = "bad_frame"
+    request_id: str | None = None  # the frame's, when it could be read (echoed in the error)
 
 
 class BadJson(ProtocolError):

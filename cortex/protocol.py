@@ -13,12 +13,13 @@ shared by every subscriber.
 from __future__ import annotations
 
 import json
+import re
 from collections import deque
 from typing import Annotated, Any, Literal, Union, cast, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
-from .errors import BadFrame, BadJson, TooLarge, UnknownType
+from .errors import BadFrame, BadJson, ProtocolError, TooLarge, UnknownType
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 RequestId = Annotated[str, StringConstraints(max_length=128)]
@@ -142,16 +143,45 @@ _INBOUND: TypeAdapter[Inbound] = TypeAdapter(
 )
 
 
+# A JSON escape of a UTF-16 surrogate: the only way a text frame (valid UTF-8, checked by
+# websockets) can carry a lone surrogate, which no database or encoder accepts.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# The request_id of a frame refused unread (rate limit): found without parsing the frame.
+_REQUEST_ID = re.compile(r'"request_id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
+# JSON may spell one character in up to six (\u0000): a frame longer than this holds a
+# message over the limit whatever its fields, and is refused before it is parsed.
+_ESCAPED = 6
+_ENVELOPE_CHARS = 16_384
+
+
 def parse_frame(raw: str | bytes, *, max_message_chars: int) -> Inbound:
-    """Parse one client frame, or raise the `ProtocolError` that says what is wrong with it."""
+    """Parse one client frame, or raise the `ProtocolError` that says what is wrong with it.
+
+    The error carries the frame's `request_id` when the frame was JSON with a valid one, so
+    the answer can echo it without parsing the frame twice.
+    """
     if isinstance(raw, bytes):
         raise BadFrame("binary frames are not accepted; send JSON text")
+    if len(raw) > max_message_chars * _ESCAPED + _ENVELOPE_CHARS:
+        raise TooLarge(f"frame is too long for a message of {max_message_chars} characters")
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise BadJson(f"frame is not valid JSON: {str(exc)[:120]}") from exc
     if not isinstance(data, dict):
         raise BadFrame("frame must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw) and not _encodable(data):
+        raise BadFrame("text must be valid Unicode: a lone UTF-16 surrogate is not a character")
+    request_id = data.get("request_id")
+    rid = request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
+    try:
+        return _validate(data, max_message_chars)
+    except ProtocolError as exc:
+        exc.request_id = rid
+        raise
+
+
+def _validate(data: dict[str, Any], max_message_chars: int) -> Inbound:
     kind = data.get("type")
     if not isinstance(kind, str):
         raise BadFrame("frame needs a string field 'type'")
@@ -168,6 +198,15 @@ def parse_frame(raw: str | bytes, *, max_message_chars: int) -> Inbound:
         raise BadFrame(_describe(exc)) from exc
 
 
+def _encodable(data: Any) -> bool:
+    """Whether every string in `data` is valid Unicode (no lone surrogate)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _describe(exc: ValidationError) -> str:
     first = exc.errors(include_url=False, include_input=False)[0]
     where = ".".join(str(part) for part in first["loc"][1:]) or "frame"
@@ -176,15 +215,12 @@ def _describe(exc: ValidationError) -> str:
 
 
 def request_id_of(raw: str | bytes) -> str | None:
-    """Best effort: the request_id of a frame that failed to parse, so the error can echo it."""
-    if isinstance(raw, bytes) or '"request_id"' not in raw:
+    """The request_id of a frame refused unread, found without parsing it (best effort: the
+    first `"request_id":"..."` in the frame's opening characters)."""
+    if isinstance(raw, bytes):
         return None
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    rid = data.get("request_id") if isinstance(data, dict) else None
-    return rid[:128] if isinstance(rid, str) else None
+    found = _REQUEST_ID.search(raw, 0, 1024)
+    return found[1] if found else None
 
 
 # ---- outbound -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from cortex.app import Cortex, running
 from cortex.config import Settings
+from cortex.testing.deltas import join_deltas
 from cortex.testing.fake_openai import FakeOpenAI
 
 pytest_plugins = ["services_fixtures"]
@@ -201,9 +202,6 @@ def final_message(events: list[dict[str, Any]]) -> dict[str, Any]:
 
 def deltas_text(events: list[dict[str, Any]]) -> str:
     """Concatenate deltas, checking that every offset continues the text exactly."""
-    text = ""
-    for event in events:
-        if event["type"] == "delta":
-            assert event["offset"] == len(text), (event["offset"], len(text))
-            text += event["text"]
+    text, problem = join_deltas((e["offset"], e["text"]) for e in events if e["type"] == "delta")
+    assert not problem, problem
     return text

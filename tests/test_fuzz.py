@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,8 +67,16 @@ def threaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cortex
     thread.join(30)
 
 
+# Text with lone UTF-16 surrogates too: JSON escapes them (`\ud83d`), and a browser's
+# JSON.stringify of half an emoji sends exactly that.
+surrogates = st.text(alphabet=st.characters(categories=["Cs", "L", "N", "So"]), max_size=12)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40)
+    | surrogates,
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
     ),
@@ -77,13 +86,14 @@ frames = st.fixed_dictionaries(
     {"type": st.sampled_from(TYPES)},
     optional={
         "conversation_id": st.text(max_size=80) | st.integers() | st.none(),
-        "content": st.text(max_size=2_500) | json_values,
+        "content": st.text(max_size=2_500) | surrogates | json_values,
         "after_seq": st.integers(min_value=-(2**70), max_value=2**70) | st.text(max_size=5),
         "before_seq": st.integers() | st.floats(allow_nan=False) | st.none(),
         "limit": st.integers(min_value=-5, max_value=1_000) | st.text(max_size=3),
-        "request_id": st.text(max_size=200) | st.integers(),
-        "client_msg_id": st.text(max_size=200),
+        "request_id": st.text(max_size=200) | surrogates | st.integers(),
+        "client_msg_id": st.text(max_size=200) | surrogates,
         "tools": st.lists(st.text(max_size=70), max_size=70) | json_values,
+        "title": st.text(max_size=250) | surrogates,
         "extra": json_values,
     },
 )
@@ -141,6 +151,40 @@ def test_random_frames_never_break_the_server(
             }
     with connect(threaded_server.url) as probe:
         assert _answer(probe)[-1]["type"] == "pong"
+
+
+# Requests as an attacker writes them: any method, odd paths (long, percent-escaped, dotted,
+# NUL bytes), any query on the API's routes.
+segments = st.sampled_from(
+    ["", "api", "conversations", "messages", "export", "static", "js", "..", ".", "%2e%2e", "ws"]
+) | st.text(alphabet=st.characters(codec="ascii", exclude_characters=" \r\n#?"), max_size=30)
+paths = st.lists(segments, max_size=5).map(lambda parts: "/" + "/".join(parts)) | st.builds(
+    lambda n: "/static/" + "a" * n, st.integers(min_value=200, max_value=6000)
+)
+queries = st.dictionaries(
+    st.sampled_from(["limit", "before_seq", "before", "format", "access_token", "x"]),
+    st.sampled_from(["", "-1", "0", "1", "9" * 25, "abc", "md", "json", "%00", "1e9"]),
+    max_size=3,
+).map(lambda q: "&".join(f"{k}={v}" for k, v in q.items()))
+methods = st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"])
+
+
+def _http_status(port: int, method: str, target: str) -> int | None:
+    """Write one raw request; the answer's status, or None if the server closed without one."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        first = sock.makefile("rb").readline()
+    return int(first.split()[1]) if first.startswith(b"HTTP/1.1 ") else None
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(method=methods, path=paths, query=queries)
+def test_random_http_requests_get_an_answer_below_500(
+    threaded_server: Cortex, method: str, path: str, query: str
+) -> None:
+    target = f"{path}?{query}" if query else path
+    status = _http_status(threaded_server.port, method, target)
+    assert status is not None and 200 <= status < 500, (method, target, status)
 
 
 def test_database_is_intact_after_fuzzing(threaded_server: Cortex) -> None:

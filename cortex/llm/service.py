@@ -135,13 +135,14 @@ class LlmService:
         kwargs.update(stream=True, stream_options={"include_usage": True})
         model_name = kwargs["model"]
         idle = self.settings.stream_idle_timeout
-        loop = asyncio.get_running_loop()
         calls: dict[int, list[str]] = {}  # index -> [id, name, arguments]
         finish: str | None = None
         usage: Any = None
         response: Any = None
         try:
-            async with asyncio.timeout(loop.time() + self.settings.llm_timeout) as first:
+            # One deadline for the provider to start answering, LiteLLM's retries and
+            # fallbacks included (each attempt also has it as its own timeout).
+            async with asyncio.timeout(self.settings.llm_timeout) as first:
                 response = await self._litellm.acompletion(**kwargs)
             bound_chunk_history(response)
             # Only the wait for the next chunk is timed: a stall between chunks ends the reply.
@@ -207,7 +208,8 @@ class LlmService:
         """One whole answer (no streaming), with its tool calls and usage."""
         kwargs = self._kwargs(messages, model, temperature, max_tokens, system_prompt, tools)
         try:
-            response = await self._litellm.acompletion(**kwargs)
+            async with asyncio.timeout(self.settings.llm_timeout):  # retries included
+                response = await self._litellm.acompletion(**kwargs)
         except Exception as exc:
             raise map_error(exc) from exc
         choice = response.choices[0]

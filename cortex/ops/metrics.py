@@ -28,6 +28,7 @@ from ..protocol import INBOUND_TYPES, OUTBOUND_TYPES
 INVALID = "invalid"  # inbound frames that did not parse (bad JSON, unknown type, ...)
 RATE_LIMITED = "rate_limited"  # inbound frames refused unread by the per-connection rate limit
 OTHER = "other"
+UNKNOWN_TOOL = "unknown"  # a tool call naming no registered tool
 MAX_LABELS = 64  # past this many distinct models (or tools), further ones count as "other"
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
@@ -198,8 +199,14 @@ class Metrics:
         for code in error_codes:
             self.provider_errors.labels(label, code).inc()
 
+    def known_tools(self, names: Iterable[str]) -> None:
+        """The tools the server offers: the only names a tool label takes."""
+        self._tools = set(names)
+
     def tool_call(self, name: str, ok: bool, seconds: float) -> None:
-        label = _bounded(name, self._tools)  # a model may call tools that do not exist
+        # The name comes from the model, which may make one up (under prompt injection, say):
+        # only a registered tool is a label of its own.
+        label = name if name in self._tools else UNKNOWN_TOOL
         self.tool_calls.labels(label, "ok" if ok else "error").inc()
         self.tool_seconds.labels(label).observe(seconds)
 

@@ -94,6 +94,10 @@ class Intake:
             if stored is None:
                 raise NotFound("no such conversation")
             conv, message = stored.conversation, stored.message
+            if not stored.created and message.content != frame.content:
+                # An idempotency key names one message: reusing it for another is a mistake
+                # the client must hear about, not a silent drop of the new text.
+                raise BadFrame("client_msg_id already used for another message")
             self.hub.subscribe(conv.id, client)
             client.deliver(
                 Ack(

@@ -18,6 +18,7 @@ from ..errors import BadFrame, CortexError, NotFound
 from ..fanout.hub import Hub, Subscriber
 from ..ops.telemetry import ReplyTrace, Telemetry
 from ..protocol import Ack, Configure, ConversationEvent, Delete, Rename
+from ..store.repo import default_title
 from .views import conversation_view
 
 if TYPE_CHECKING:
@@ -169,7 +170,10 @@ class ConversationManager:
         rows = await self.store.context(conversation_id, upto_user_seq=1)
         said = next((r.content for r in rows if r.role == "user"), "")
         answered = next((r.content for r in rows if r.role == "assistant" and r.content), "")
-        if not said:
+        # Only the title a conversation starts with is replaced: one a user set (before this
+        # task read the conversation, or while the model thinks) stays.
+        automatic = default_title(said)
+        if not said or conv.title != automatic:
             return
         prompt = (
             f"User: {said[:TITLE_SOURCE_CHARS]}\n\nAssistant: {answered[:TITLE_SOURCE_CHARS]}"
@@ -206,10 +210,9 @@ class ConversationManager:
             cost_usd=usage.cost_usd if usage is not None else None,
         )
         title = clean_title(answer.text)
-        if not title or title == conv.title:
+        if not title or title == automatic:
             return
-        # Only over the title taken from the first message: a rename meanwhile wins.
-        updated = await self.store.set_title_if(conversation_id, expected=conv.title, title=title)
+        updated = await self.store.set_title_if(conversation_id, expected=automatic, title=title)
         if updated is None:
             return
         self._announce(updated, None)

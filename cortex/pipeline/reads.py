@@ -8,7 +8,7 @@ like one that does not exist.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..config import Settings
 from ..errors import NotFound
@@ -33,6 +33,12 @@ if TYPE_CHECKING:
 
 CATCH_UP_PAGE = 200
 EXPORT_PAGE = 500
+
+
+class Reader(Subscriber, Protocol):
+    """A client that catches up: it says when its backlog leaves room for more."""
+
+    async def room(self) -> None: ...
 
 
 class Reads:
@@ -64,7 +70,7 @@ class Reads:
         owner: str,
         conversation_id: str,
         after_seq: int | None,
-        client: Subscriber,
+        client: Reader,
         request_id: str | None = None,
     ) -> None:
         """Catch up from `after_seq`, then the reply in progress so far, then live events.
@@ -85,6 +91,7 @@ class Reads:
                     )
                     for row in rows:
                         streaming = row.status == "streaming"
+                        await client.room()  # long messages go out as the client reads them
                         client.deliver(message_event(row, content="" if streaming else None))
                     if not more or not rows:
                         break

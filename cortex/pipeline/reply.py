@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
-from ..errors import CortexError, Internal
+from ..errors import CortexError, Internal, TooLarge
 from ..fanout.hub import Hub
 from ..llm.events import Finish, LlmBackend, TextDelta, ToolCall, ToolCalls, UsageInfo
 from ..ops.telemetry import ReplyTrace, Telemetry
@@ -200,6 +200,7 @@ class Replies:
         next_checkpoint = time.monotonic() + interval
         next_yield = 0.0
         publish = self.hub.publish_delta
+        limit = self.settings.max_reply_chars
         async for event in self.llm.stream(
             messages,
             model=plan.model,
@@ -209,6 +210,9 @@ class Replies:
         ):
             if isinstance(event, TextDelta):
                 text = event.text
+                if active.length + len(text) > limit:
+                    # Stored and sent up to the limit, then the reply ends as `too_large`.
+                    await self._cut_at_limit(conversation_id, active, text, limit)
                 if not active.length:
                     plan.trace.first_token()
                 publish(conversation_id, active.message_id, active.length, text)
@@ -238,6 +242,18 @@ class Replies:
                 result.usage = event
             elif isinstance(event, Finish):
                 result.finish = event.reason
+
+    async def _cut_at_limit(
+        self, conversation_id: str, active: ActiveReply, text: str, limit: int
+    ) -> None:
+        room = text[: limit - active.length]
+        if room:
+            self.hub.publish_delta(conversation_id, active.message_id, active.length, room)
+            active.parts.append(room)
+            active.length += len(room)
+        raise TooLarge(
+            f"the reply reached {limit} characters (CORTEX_MAX_REPLY_CHARS) and was stopped"
+        )
 
     async def _finish_row(
         self,

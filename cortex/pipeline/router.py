@@ -23,7 +23,7 @@ from ..ops.telemetry import Telemetry
 from ..protocol import Send
 from .intake import Intake
 from .live import Live
-from .reads import Reads
+from .reads import Reader, Reads
 from .reply import Replies
 from .tool_loop import ToolLoop
 from .workers import Workers
@@ -88,7 +88,7 @@ class Router:
         owner: str,
         conversation_id: str,
         after_seq: int | None,
-        client: Subscriber,
+        client: Reader,
         request_id: str | None = None,
     ) -> None:
         await self.reads.subscribe(owner, conversation_id, after_seq, client, request_id)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from ..protocol import ConversationView, MessageEvent, MessageView, Usage
@@ -52,7 +52,11 @@ class ConversationRow(Protocol):
 
 
 def iso(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
+    """A stored moment in UTC with `Z`. SQLite hands datetimes back without their zone; Cortex
+    stores UTC only, so a naive one is UTC too."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def message_view(row: MessageRow, *, content: str | None = None) -> MessageView:

@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from ..config import Settings
-from ..errors import CortexError, Internal, RateLimited
+from ..errors import CortexError, Internal, ProtocolError, RateLimited
 from ..fanout.hub import Hub
 from ..ops.logs import CONNECTION, CONVERSATION, REQUEST, event
 from ..ops.metrics import INVALID, RATE_LIMITED, Metrics
@@ -30,28 +30,10 @@ from ..protocol import (
     take_merged_delta,
 )
 from .dispatch import DispatchTable
+from .flood import FloodControl, Verdict
 
 log = logging.getLogger("cortex.server")
 _ids = itertools.count(1)
-
-
-class TokenBucket:
-    """Per-connection frame rate: `rate` frames a second on average, bursts up to `burst`."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.stamp = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
 
 
 class Connection:
@@ -78,10 +60,16 @@ class Connection:
         self._queue: deque[str] = deque()
         self._queued_chars = 0
         self._wakeup = asyncio.Event()
+        self._drained: asyncio.Event | None = None  # made by the first catch-up that waits
         self._max_frames = s.send_queue_max
         self._max_chars = s.send_buffer_bytes
-        self._bucket = TokenBucket(s.rate_per_s, s.rate_burst)
-        self._strikes = 0
+        self._flood = FloodControl(
+            frames_per_s=s.rate_per_s,
+            frame_burst=s.rate_burst,
+            bytes_per_s=s.rate_bytes_per_s,
+            byte_burst=s.rate_bytes_burst,
+            strikes=s.rate_strikes,
+        )
         self.closing = False
         self.opened = time.monotonic()
         self.frames_in = 0
@@ -91,19 +79,37 @@ class Connection:
         if self.closing:
             return
         queue = self._queue
-        if queue and (len(queue) >= self._max_frames or self._queued_chars > self._max_chars):
+        # What waits behind the oldest unsent frame: one large frame (a long stored message)
+        # is not a slow reader, only a backlog behind it that keeps growing is.
+        if queue and (
+            len(queue) >= self._max_frames or self._queued_chars - len(queue[0]) > self._max_chars
+        ):
             # The client does not read what it is sent: drop it rather than buffer forever.
             self.close(CloseCode.TRY_AGAIN_LATER, "slow reader: too many unsent events")
             return
         queue.append(frame)
         self._queued_chars += len(frame)
         self._wakeup.set()
+        if self._drained is not None and self._queued_chars > self._max_chars // 2:
+            self._drained.clear()
+
+    async def room(self) -> None:
+        """Return once at most half the send budget is queued (a catch-up paces itself by it,
+        so that catching up on many long messages never makes this client a slow reader)."""
+        if self._queued_chars <= self._max_chars // 2 or self.closing:
+            return
+        if self._drained is None:
+            self._drained = asyncio.Event()
+        self._drained.clear()
+        await self._drained.wait()
 
     def close(self, code: int, reason: str) -> None:
         """Close without waiting (called from deliver(), which must not block)."""
         if self.closing:
             return
         self.closing = True
+        if self._drained is not None:
+            self._drained.set()  # a catch-up waiting for room goes on (and delivers nothing)
         self._queue.clear()
         self._wakeup.set()
         self.hub.drop(self)
@@ -120,6 +126,8 @@ class Connection:
                     continue
                 frame = queue.popleft()
                 self._queued_chars -= len(frame)
+                if self._drained is not None and self._queued_chars <= self._max_chars // 2:
+                    self._drained.set()
                 if queue and type(frame) is DeltaFrame:
                     frame, taken = take_merged_delta(frame, queue)
                     self._queued_chars -= taken
@@ -141,6 +149,8 @@ class Connection:
             pass
         finally:
             self.closing = True
+            if self._drained is not None:
+                self._drained.set()
             self.hub.drop(self)
             self._wakeup.set()
             writer.cancel()
@@ -151,15 +161,15 @@ class Connection:
         conversation_id: str | None = None
         self.frames_in += 1
         metrics = self.metrics
-        if not self._bucket.take():
+        verdict = self._flood.admit(len(raw))
+        if verdict is not Verdict.ADMIT:
             metrics.frame_in(RATE_LIMITED)
-            self._strikes += 1
-            if self._strikes >= self.settings.rate_strikes:
-                self.close(CloseCode.POLICY_VIOLATION, "flood: too many frames")
+            if verdict is Verdict.CLOSE:
+                self.close(CloseCode.POLICY_VIOLATION, "flood: too many frames or bytes")
             else:
-                self.send_error(RateLimited("too many frames; slow down"), request_id_of(raw), None)
+                error = RateLimited("too many frames or bytes; slow down")
+                self.send_error(error, request_id_of(raw), None)
             return
-        self._strikes = 0
         try:
             try:
                 frame = parse_frame(raw, max_message_chars=self.settings.max_message_chars)
@@ -177,8 +187,8 @@ class Connection:
                 REQUEST.reset(request_var)
                 CONVERSATION.reset(conversation_var)
         except CortexError as exc:
-            if request_id is None:
-                request_id = request_id_of(raw)
+            if request_id is None and isinstance(exc, ProtocolError):
+                request_id = exc.request_id
             event(log, "frame error", logging.DEBUG, code=exc.code, req=request_id)
             self.send_error(exc, request_id, conversation_id)
         except Exception:

@@ -38,6 +38,8 @@ class Client(Protocol):
 
     def deliver(self, frame: str) -> None: ...
 
+    async def room(self) -> None: ...
+
 
 F = TypeVar("F", bound=Inbound)
 Handler = Callable[[Any, Client], Awaitable[None]]

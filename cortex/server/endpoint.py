@@ -74,7 +74,23 @@ class Endpoint:
     async def process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
-        """HTTP routes, and the access check of every `/ws`, `/api/` and `/metrics` request."""
+        """HTTP routes, and the access check of every `/ws`, `/api/` and `/metrics` request.
+
+        GET and HEAD are served (HEAD: the same status and headers, no body); every other
+        method is 405. websockets hands over requests of any method.
+        """
+        if request.method == "GET":
+            return await self._get(connection, request)
+        if request.method == "HEAD":
+            response = await self._get(connection, request)
+            if response is None:  # an upgrade asked for with HEAD
+                return error_response(400, "bad_request", "WebSocket upgrades use GET")
+            return Response(response.status_code, response.reason_phrase, response.headers, b"")
+        response = error_response(405, "method_not_allowed", "this server answers GET and HEAD")
+        response.headers["Allow"] = "GET, HEAD"
+        return response
+
+    async def _get(self, connection: ServerConnection, request: Request) -> Response | None:
         started = time.monotonic()
         path = urlsplit(request.path).path  # never the query: it may hold a token
         user: str | None = None

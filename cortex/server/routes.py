@@ -19,6 +19,7 @@ from ..pipeline.reads import Reads
 from .responses import error_response, json_response, respond
 
 WS_PATH = "/ws"
+MAX_SEQ = 2**53  # as in the protocol: what a JSON number holds exactly, and any database
 _PAGE_CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self' ws: wss:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
@@ -69,8 +70,10 @@ class HttpRoutes:
             before_seq = int(before_seq_raw) if before_seq_raw is not None else None
         except ValueError:
             return error_response(400, "bad_frame", "limit and before_seq must be integers")
-        if limit < 1 or (before_seq is not None and before_seq < 0):
-            return error_response(400, "bad_frame", "limit must be >= 1 and before_seq >= 0")
+        if limit < 1 or (before_seq is not None and not 0 <= before_seq <= MAX_SEQ):
+            return error_response(
+                400, "bad_frame", f"limit must be >= 1 and before_seq from 0 to {MAX_SEQ}"
+            )
         if parts == ["api", "conversations"]:
             before = query.get("before", [None])[0]
             items, more = await self.reads.conversations(owner, before=before, limit=limit)
@@ -108,8 +111,12 @@ class HttpRoutes:
     def static(self, path: str) -> Response:
         root = self.settings.static_dir.resolve()
         relative = "index.html" if path == "/" else path.removeprefix("/static/")
-        target = (root / relative).resolve()
-        if not target.is_relative_to(root) or not target.is_file():
+        try:
+            target = (root / relative).resolve()
+            found = target.is_relative_to(root) and target.is_file()
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+            found = False
+        if not found:
             return error_response(404, "not_found", "no such file")
         content_type = _content_type(target)
         extra: tuple[tuple[str, str], ...] = ()

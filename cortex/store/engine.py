@@ -80,7 +80,8 @@ def migrate(database_url: str, revision: str = "head") -> None:
 
 def check_sqlite_location(database_url: str) -> None:
     """Refuse, in one line that names the path and the setting, a SQLite file that cannot be
-    created or written, before SQLite's own "unable to open database file" says less."""
+    created or written, before SQLite's own "unable to open database file" says less; create
+    a new one readable by its owner only (0600)."""
     try:
         url = make_url(database_url)
     except ArgumentError as exc:
@@ -98,6 +99,10 @@ def check_sqlite_location(database_url: str) -> None:
     elif path.exists() and (path.is_dir() or not os.access(path, os.R_OK | os.W_OK)):
         problem = f"cannot read and write {path}"
     else:
+        if not path.exists():
+            # Conversations and token hashes are nobody else's: the file is the owner's only,
+            # and SQLite gives its -wal and -shm files the same mode.
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         return
     raise StartupError(f"CORTEX_DATABASE_URL: {problem}")
 

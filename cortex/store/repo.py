@@ -219,7 +219,7 @@ class Store:
                 conv = new_conversation(
                     session,
                     owner=owner,
-                    title=_title(content),
+                    title=default_title(content),
                     model=model,
                     system_prompt=system_prompt,
                     temperature=temperature,
@@ -453,7 +453,8 @@ class Store:
         return count or 0
 
 
-def _title(content: str) -> str:
+def default_title(content: str) -> str:
+    """A new conversation's title: its first message, on one line, cut to `TITLE_CHARS`."""
     line = " ".join(content.split())
     return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
 
@@ -465,4 +466,5 @@ __all__: Sequence[str] = (
     "StoreConflict",
     "StoreError",
     "StoredMessage",
+    "default_title",
 )

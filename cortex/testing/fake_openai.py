@@ -36,7 +36,14 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["FakeOpenAI", "Reply", "ToolCallSpec", "split_text"]
+__all__ = [
+    "FakeOpenAI",
+    "Reply",
+    "ToolCallSpec",
+    "last_user_text",
+    "serve_until_signalled",
+    "split_text",
+]
 
 _TOKEN_RE = re.compile(r"\S+\s*|\s+")
 # Zero-delay chunks are coalesced into writes of about this size: one HTTP chunk per SSE event
@@ -98,6 +105,18 @@ def split_text(text: str, chunks: int | None) -> list[str]:
         pieces.append(text[pos:end])
         pos = end
     return pieces
+
+
+def last_user_text(body: dict[str, Any]) -> str:
+    """The text of the last user message of a chat request's body ("" when it has none)."""
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):  # OpenAI content parts
+                return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
 
 
 def _split_arguments(arguments: str, pieces: int = 3) -> list[str]:
@@ -470,7 +489,15 @@ async def _serve(args: argparse.Namespace) -> None:
             first_chunk_delay=args.first_chunk_delay,
         )
     )
-    base_url = await fake.start(port=args.port)
+    await serve_until_signalled(fake, port=args.port)
+
+
+async def serve_until_signalled(fake: FakeOpenAI, port: int = 0) -> None:
+    """Serve `fake` until SIGTERM/SIGINT, announcing ``READY <base url>`` on stdout once ready.
+
+    The body of a provider process (see ``cortex.testing.processes.start_process``).
+    """
+    base_url = await fake.start(port=port)
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

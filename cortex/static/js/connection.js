@@ -8,6 +8,9 @@ const PONG_WITHIN_MS = 10000;
 const BACKOFF_BASE_MS = 500;
 const BACKOFF_MAX_MS = 15000;
 const FAILED_UPGRADES_BEFORE_TOKEN_PROMPT = 3;
+// A connection counts as healthy (and the backoff starts over) only once it has stayed open
+// this long: a server that accepts and then closes at once must not be retried every 0.5 s.
+const HEALTHY_AFTER_MS = 10000;
 
 export function readToken() {
   try {
@@ -88,8 +91,11 @@ export class Connection extends EventTarget {
     this.setState("connecting");
     ws.onopen = () => {
       opened = true;
-      this.attempt = 0;
       this.failedUpgrades = 0;
+      clearTimeout(this.healthyTimer);
+      this.healthyTimer = setTimeout(() => {
+        if (this.ws === ws) this.attempt = 0;
+      }, HEALTHY_AFTER_MS);
       this.setState("open");
       this.startHeartbeat();
       this.dispatchEvent(new CustomEvent("open"));
@@ -118,6 +124,7 @@ export class Connection extends EventTarget {
 
   handleClose(ws, code, reason, opened) {
     if (ws !== null && ws !== this.ws) return;
+    clearTimeout(this.healthyTimer); // closed before it proved healthy: the backoff grows
     if (this.ws) this.detach(this.ws);
     this.ws = null;
     this.stopHeartbeat();
