@@ -1,5 +1,8 @@
 """Client swarms for the issue-8 benches: lean WebSocket clients in worker processes.
 
+Long because it carries its own minimal RFC 6455 client (a `websockets` client costs as much CPU
+as the server it measures) and the worker protocol that drives it.
+
     .venv/bin/python bench/_swarm.py worker      # a client worker: JSON commands on stdin
     .venv/bin/python bench/_swarm.py provider    # a fake provider whose reply length is asked
 

@@ -1,4 +1,5 @@
 """Scale-out: streamed replies through nginx to 1, 2 and 4 Cortex processes, in one run.
+Long because it starts and checks a whole deployment (PostgreSQL, Redis, nginx, N servers).
 
     .venv/bin/python bench/scale.py [--procs 1,2,4] [--conversations 40] [--tokens 200]
                                     [--chunk-delay 0.005] [--stagger 0] [--check 8] [--json]

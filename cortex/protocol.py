@@ -1,5 +1,7 @@
 """Every frame of the wire protocol as a pydantic model (see docs/protocol.md).
 
+Over 400 lines on purpose: the whole wire format, and its one registry, in one place to read.
+
 A frame type is declared once, as its class: subclassing `Inbound` or `Outbound` registers it
 (`INBOUND_FRAMES`, `OUTBOUND_FRAMES`), and the parser, the server's dispatch table, the metrics'
 labels, the fuzz tests and the docs check all read those registries.

@@ -1,5 +1,8 @@
 """A fake OpenAI-compatible LLM provider for tests and benchmarks.
 
+Over 400 lines because it is one job done faithfully: OpenAI's chat-completions wire format,
+streamed and whole, with every failure a provider has (status codes, stalls, cuts, delays).
+
 Cortex talks to models only through LiteLLM, so tests must exercise LiteLLM's real HTTP path
 instead of patching it. This module serves ``/v1/chat/completions`` (streaming and not) and
 ``/v1/models`` on 127.0.0.1 with scripted replies, including the failure modes a real provider

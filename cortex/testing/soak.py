@@ -1,5 +1,9 @@
 """The soak's clients and its storage check, shared by bench/soak.py and tests/test_soak.py.
 
+Long on purpose (one job: a client that misbehaves in every way a real one can, and the
+check that holds the server to what each client was told); split, its halves would share
+every record type.
+
 Many clients chat with one server at once, dropping, coming back and cancelling, while a fake
 provider answers with partly failing replies; then the server's database is read and checked
 against what every client sent, was acknowledged and was told.
