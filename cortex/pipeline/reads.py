@@ -184,7 +184,7 @@ class Reads:
             items=items, has_more=more, request_id=request_id
         ).encode()
 
-    async def everything(
+    async def whole_conversation(
         self, owner: str, conversation_id: str
     ) -> tuple[Conversation, list[Message]]:
         """The conversation and all its messages in seq order (an export)."""

@@ -103,7 +103,7 @@ class HttpRoutes:
         fmt = query.get("format", ["json"])[0]
         if fmt not in export.FORMATS:
             return error_response(400, "bad_frame", "format must be json or md")
-        conv, rows = await self.reads.everything(owner, conversation_id)
+        conv, rows = await self.reads.whole_conversation(owner, conversation_id)
         body = export.render(conv, rows, fmt)
         disposition = f'attachment; filename="{export.filename(conv, fmt)}"'
         return respond(200, body, export.content_type(fmt), (("Content-Disposition", disposition),))
