@@ -72,3 +72,22 @@ def test_a_database_from_a_newer_cortex_is_refused(tmp_path: Path) -> None:
         assert "revision 0999" in line and "newer Cortex" in line
     with sqlite3.connect(database) as db:  # refused, not half-migrated
         assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("0999",)]
+
+
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_version_and_help_answer_without_importing_litellm(flag: str, tmp_path: Path) -> None:
+    probe = (
+        "import sys\n"
+        "from cortex.cli import main\n"
+        "try:\n"
+        f"    main([{flag!r}])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = [m for m in ('litellm', 'sqlalchemy', 'websockets') if m in sys.modules]\n"
+        "print('heavy:', ','.join(heavy))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("heavy:"), done.stdout
