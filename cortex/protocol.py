@@ -150,9 +150,9 @@ _INBOUND: TypeAdapter[Inbound] = TypeAdapter(
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # The request_id of a frame refused unread (rate limit): found without parsing the frame.
 _REQUEST_ID = re.compile(r'"request_id"\s*:\s*"([A-Za-z0-9_.:-]{1,128})"')
-# JSON may spell one character in up to six (\u0000): a frame longer than this holds a
-# message over the limit whatever its fields, and is refused before it is parsed.
-_ESCAPED = 6
+# JSON may spell one character in up to twelve (an emoji as `\ud83d\ude00`): a frame longer
+# than this holds a message over the limit whatever its fields, and is refused unparsed.
+_ESCAPED = 12
 _ENVELOPE_CHARS = 16_384
 
 

@@ -288,3 +288,18 @@ async def test_a_reused_client_msg_id_with_other_content_is_refused(client: Clie
     other = await client.request(type="send", content="other text", client_msg_id="k1")
     assert (other["type"], other["code"]) == ("error", "bad_frame")
     assert "client_msg_id already used" in other["message"]
+
+
+async def test_a_message_at_the_limit_in_escaped_json_is_accepted(
+    start_server: Any, connect_to: Any
+) -> None:
+    """The unparsed-length bound refuses junk, not a message within the limit that a client
+    spelled with JSON escapes (Python's json.dumps writes an emoji as twelve characters)."""
+    app = await start_server(max_message_chars=5000, use_mock=True)
+    client: Client = await connect_to(app)
+    frame = json.dumps({"type": "send", "content": "😀" * 5000, "request_id": "big"})
+    assert len(frame) > 5000 * 12
+    await client.ws.send(frame)
+    answer = await client.until(lambda e: e.get("request_id") == "big")
+    assert answer[-1]["type"] == "ack"
+    await client.until_reply()
