@@ -55,8 +55,8 @@ new MutationObserver(() => {
 
 MARKDOWN_REPLY = """## Counting words in a file
 
-64 KiB is **65,536 bytes**. To count words, read the file *line by line* so that even a \
-large file stays cheap:
+64 KiB is $64 \\times 2^{10}$ = **65,536 bytes**. To count words, read the file *line by line* \
+so that even a large file stays cheap:
 
 ```python
 from collections import Counter
@@ -242,7 +242,10 @@ async def test_reply_streams_in_as_markdown_with_tool_call(
     code = md.locator("pre > code")
     await expect(code).to_have_count(1)
     assert await code.text_content() == CODE
-    await expect(code).to_have_class("language-python")
+    await expect(code).to_have_class(re.compile(r"\blanguage-python\b"))
+    # highlight.js (loaded lazily for the first code block) coloured it in place.
+    await expect(code).to_have_class(re.compile(r"\bhljs\b"))
+    await expect(code.locator("span.hljs-keyword").first).to_have_text("from")
     await expect(md.locator("ul > li")).to_have_count(2)
     await expect(md.locator("li code").first).to_have_text("counts.most_common(10)")
     link = md.locator("a")
@@ -266,6 +269,8 @@ async def test_reply_streams_in_as_markdown_with_tool_call(
     await expect(entry).to_have_attribute("aria-current", "page")
     await expect(page.locator("#chat-title")).to_have_text(question)
 
+    # KaTeX (loaded on first use) typeset the formula as MathML.
+    await expect(md.locator(".math-inline math")).to_have_count(1)
     await page.set_viewport_size({"width": 1280, "height": 860})
     await page.locator("#input").blur()
     target = DOCS_SCREENSHOT if os.environ.get("CORTEX_UPDATE_SCREENSHOT") else tmp_path / "s.png"
@@ -659,7 +664,7 @@ async def test_markdown_renderer_cases(open_tab: OpenTab) -> None:
         "# Title\n\ntext": "<h1>Title</h1><p>text</p>",
         "a\nb": "<p>a<br>b</p>",
         "**b** *i* ~~s~~ `c`": "<p><strong>b</strong> <em>i</em> <del>s</del> <code>c</code></p>",
-        "***both***": "<p><strong><em>both</em></strong></p>",
+        "***both***": "<p><em><strong>both</strong></em></p>",  # CommonMark's nesting
         "snake_case_name and 2 * 3 * 4": "<p>snake_case_name and 2 * 3 * 4</p>",
         "1. one\n2. two\n   - nested": (
             "<ol><li>one</li><li>two<ul><li>nested</li></ul></li></ol>"
@@ -686,7 +691,8 @@ async def test_markdown_renderer_cases(open_tab: OpenTab) -> None:
             '<p><a href="mailto:a@b.c" target="_blank" rel="noopener noreferrer">m</a></p>'
         ),
         "[bad](javascript:alert(1)) [data](data:text/html,x) [rel](/x)": "<p>bad data rel</p>",
-        "<b>x</b> &amp; \\*lit\\*": "<p>&lt;b&gt;x&lt;/b&gt; &amp;amp; *lit*</p>",
+        # CommonMark: `&amp;` is an entity (shown as "&"), backslash escapes are literal
+        "<b>x</b> &amp; \\*lit\\*": "<p>&lt;b&gt;x&lt;/b&gt; &amp; *lit*</p>",
         "```\nunclosed <i>": (
             '<div class="code-block"><div class="code-head"><span class="code-lang">text</span>'
             '<button type="button" class="copy-btn" title="Copy code">'

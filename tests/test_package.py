@@ -88,6 +88,7 @@ def test_the_wheel_carries_the_page_and_migrations(installed: Path) -> None:
         cwd=installed,
     ).split()
     assert "static/index.html" in names and "static/js/main.js" in names
+    assert "static/vendor/SHA256SUMS" in names and any(n.endswith(".mjs") for n in names)
     assert "store/migrations/env.py" in names
     assert any(re.fullmatch(r"store/migrations/versions/0001_\w+\.py", n) for n in names)
     assert str(ROOT) not in run(

@@ -1,32 +1,38 @@
-// A small, safe Markdown-to-DOM renderer for model output.
+// Markdown-to-DOM for model output: markdown-it (CommonMark + GFM tables and strikethrough),
+// highlight.js for code, KaTeX (MathML output) for math, DOMPurify as defence in depth.
 //
-// It never parses HTML: every piece of text becomes a text node (textContent / append(string)),
-// so `<script>` or `<img onerror=...>` in the input shows up as text. Links are kept only for
-// http:, https: and mailto: URLs and open with rel="noopener noreferrer".
+// Safety: markdown-it runs with raw HTML off, so `<script>` in a reply is text. Its HTML output
+// is only ever parsed by DOMPurify (RETURN_DOM_FRAGMENT: an inert document, never a live node),
+// then links are checked again (markdown-it's validation plus http/https/mailto only) and get
+// rel="noopener noreferrer". Images never load: they become links (or text if the URL is not
+// safe). Code blocks and math are built from the token text, not from HTML.
 //
-// Supported: ATX headings, paragraphs (single newlines are line breaks), fenced code blocks
-// (``` or ~~~, an unclosed fence runs to the end, which suits text still streaming), block
-// quotes, ordered / unordered / task lists with nesting, tables (GFM), horizontal rules; inline
-// code, **bold**, *italic*, ~~strike~~, [links](url), <autolinks> and bare URLs.
+// highlight.js and KaTeX are loaded lazily, the first time a reply has a code block or a formula;
+// until then the block shows plain text, and it is upgraded in place when the library arrives.
+//
+// renderMarkdown(text) returns a DocumentFragment at once. renderInto(el, text) is the streaming
+// path (the view calls it at most once per animation frame): it re-renders only from the last
+// top-level block on, since earlier blocks can no longer change while text is only appended.
+// (Past 400 lines on purpose: parsing, the math rule, sanitising and the lazy upgrades are one
+// pipeline, and each step's safety depends on the one before it.)
 
+import MarkdownIt from "../vendor/markdown-it/markdown-it.mjs";
+import DOMPurify from "../vendor/dompurify/purify.mjs";
 import { h, icon } from "./dom.js";
 
 const SAFE_PROTOCOLS = new Set(["http:", "https:", "mailto:"]);
-const MAX_DEPTH = 10;
-const EMPHASIS_WINDOW = 4000; // how far to look for a closing delimiter
-
-const FENCE = /^( {0,3})(`{3,}|~{3,})[ \t]*([^\s`]*)[^`]*$/;
-const FENCE_CLOSE = /^ {0,3}(`{3,}|~{3,})[ \t]*$/;
-const HEADING = /^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$/;
-const HR = /^ {0,3}(?:(?:-[ \t]*){3,}|(?:\*[ \t]*){3,}|(?:_[ \t]*){3,})$/;
-const QUOTE = /^ {0,3}> ?(.*)$/;
-const ITEM = /^( *)([-*+]|\d{1,9}[.)])(?:[ \t]+(.*)|$)/;
-const TABLE_SEP = /^ {0,3}\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)*\|?[ \t]*$/;
-const TASK = /^\[([ xX])\][ \t]+/;
-const PUNCT = /[!-/:-@[-`{-~]/;
-const WORD = /[\p{L}\p{N}]/u;
-const AUTOLINK = /<((?:https?:\/\/|mailto:)[^\s<>]+)>/y;
-const BARE_URL = /https?:\/\/[^\s<>"'`]+/y;
+const MAX_NESTING = 20; // markdown-it's block/inline nesting limit (deeper input stays text)
+const HIGHLIGHT_LIMIT = 100_000; // longer code stays plain
+const DETECT_SAMPLE = 2000; // language detection looks at this much of a block
+const KATEX_OPTIONS = {
+  output: "mathml",
+  throwOnError: true,
+  trust: false,
+  strict: "ignore",
+  maxSize: 20,
+  maxExpand: 200,
+};
+const MATH_LIMIT = 5000; // longer formulas stay source text
 
 /** The URL if it is absolute http(s) or mailto, else null. */
 export function safeUrl(raw) {
@@ -41,231 +47,168 @@ export function safeUrl(raw) {
   return SAFE_PROTOCOLS.has(url.protocol) ? url.href : null;
 }
 
-/** Render Markdown text into a DocumentFragment of freshly built nodes. */
+// ---- markdown-it set-up ---------------------------------------------------------------------
+
+const md = new MarkdownIt("default", {
+  html: false,
+  linkify: true,
+  breaks: true, // a chat reply's single newlines are line breaks, as in other chat apps
+  typographer: false,
+  maxNesting: MAX_NESTING,
+});
+const defaultValidateLink = md.validateLink;
+// Let every link through the parser so that a refused one still shows its text, not its
+// source; the anchors are checked (markdown-it's rule and ours) after sanitising.
+md.validateLink = () => true;
+const linkAllowed = (href) => defaultValidateLink(href) && safeUrl(href) !== null;
+
+md.use(mathPlugin);
+md.core.ruler.after("block", "too_deep", tooDeep);
+md.renderer.rules.too_deep = (tokens, i) => `<p class="md-raw">${md.utils.escapeHtml(tokens[i].content)}</p>`;
+
+// markdown-it stops parsing a container nested beyond maxNesting and drops what is inside. A
+// top-level block that reaches that depth is shown as its source text instead, so that
+// "- - - - … x" or "> > > … x" stays readable.
+function tooDeep(state) {
+  const tokens = state.tokens;
+  const lines = state.src.split("\n");
+  const out = [];
+  for (let i = 0; i < tokens.length; i++) {
+    const open = tokens[i];
+    if (open.level !== 0 || open.nesting !== 1) {
+      out.push(open);
+      continue;
+    }
+    let j = i;
+    let deepest = 0;
+    let depth = 0;
+    do {
+      depth += tokens[j].nesting;
+      deepest = Math.max(deepest, tokens[j].level);
+      j++;
+    } while (j < tokens.length && depth > 0);
+    if (deepest >= MAX_NESTING - 2 && open.map) {
+      const token = new state.Token("too_deep", "p", 0);
+      token.content = lines.slice(open.map[0], open.map[1]).join("\n");
+      token.map = open.map;
+      token.block = true;
+      out.push(token);
+    } else out.push(...tokens.slice(i, j));
+    i = j - 1;
+  }
+  state.tokens = out;
+}
+
+// Code blocks and math are kept out of the HTML: a placeholder carries an index into env.
+md.renderer.rules.fence = (tokens, i, _opts, env) => {
+  const token = tokens[i];
+  env.blocks.push({ kind: "code", code: token.content, lang: token.info.trim().split(/\s+/)[0] });
+  return `<pre data-slot="${env.blocks.length - 1}"></pre>`;
+};
+md.renderer.rules.code_block = (tokens, i, _opts, env) => {
+  env.blocks.push({ kind: "code", code: tokens[i].content, lang: "" });
+  return `<pre data-slot="${env.blocks.length - 1}"></pre>`;
+};
+md.renderer.rules.math_inline = (tokens, i, _opts, env) => {
+  env.blocks.push({ kind: "math", tex: tokens[i].content, display: false });
+  return `<span data-slot="${env.blocks.length - 1}"></span>`;
+};
+md.renderer.rules.math_block = (tokens, i, _opts, env) => {
+  env.blocks.push({ kind: "math", tex: tokens[i].content, display: true });
+  return `<div data-slot="${env.blocks.length - 1}"></div>`;
+};
+// Images load nothing: a link to the image (checked like any link), labelled with its alt text.
+md.renderer.rules.image = (tokens, i, opts, env, self) => {
+  const token = tokens[i];
+  const alt = self.renderInlineAsText(token.children, opts, env) || "image";
+  const src = md.utils.escapeHtml(token.attrGet("src") || "");
+  return `<a href="${src}" class="md-image">${md.utils.escapeHtml(alt)}</a>`;
+};
+md.renderer.rules.s_open = () => "<del>"; // ~~struck~~ text, as GFM renders it
+md.renderer.rules.s_close = () => "</del>";
+md.renderer.rules.table_open = () => '<div class="table-wrap"><table>';
+md.renderer.rules.table_close = () => "</table></div>";
+// Table alignment as a class, not a style attribute (the page's CSP has no inline styles).
+for (const name of ["th_open", "td_open"]) {
+  md.renderer.rules[name] = (tokens, i, opts, _env, self) => {
+    const token = tokens[i];
+    const style = token.attrGet("style");
+    if (style) {
+      token.attrs = token.attrs.filter(([key]) => key !== "style");
+      const align = /text-align:(\w+)/.exec(style);
+      if (align) token.attrJoin("class", `align-${align[1]}`);
+    }
+    return self.renderToken(tokens, i, opts);
+  };
+}
+
+const PURIFY = {
+  RETURN_DOM_FRAGMENT: true,
+  // DOMPurify's own default with only http, https and mailto as schemes (it also applies to
+  // other attributes' values, such as <ol start="3">); finish() then drops relative links.
+  ALLOWED_URI_REGEXP: /^(?:(?:https?|mailto):|[^a-z]|[a-z+.-]+(?:[^a-z+.\-:]|$))/i,
+  FORBID_TAGS: ["style", "img", "svg", "math", "form", "input", "iframe", "object", "embed"],
+  FORBID_ATTR: ["style", "srcset"],
+};
+
+// ---- rendering ------------------------------------------------------------------------------
+
+/** Render Markdown text into a DocumentFragment of sanitised nodes, ready to insert. */
 export function renderMarkdown(text) {
-  const fragment = document.createDocumentFragment();
-  const lines = String(text).replace(/\r\n?/g, "\n").split("\n");
-  renderBlocks(lines, fragment, 0);
+  const env = { blocks: [] };
+  return renderTokens(md.parse(String(text), env), env);
+}
+
+function renderTokens(tokens, env) {
+  // markdown-it puts a newline after block tags; text is escaped, so ">\n" and "\n<" only occur
+  // around real tags (and at the end of code, which is not in this HTML).
+  const html = md.renderer.render(tokens, md.options, env).replace(/>\n/g, ">").replace(/\n</g, "<");
+  const fragment = DOMPurify.sanitize(html, PURIFY);
+  finish(fragment, env);
   return fragment;
 }
 
-// ---- blocks ---------------------------------------------------------------------------------
-
-function renderBlocks(lines, parent, depth) {
-  if (depth > MAX_DEPTH) {
-    parent.append(h("p", null, lines.join("\n")));
-    return;
+function finish(root, env) {
+  for (const a of root.querySelectorAll("a")) {
+    const href = a.getAttribute("href");
+    if (!href || !linkAllowed(href)) {
+      a.replaceWith(...a.childNodes);
+      continue;
+    }
+    a.setAttribute("target", "_blank");
+    a.setAttribute("rel", "noopener noreferrer");
+    if (a.classList.contains("md-image")) a.title = "Image (not loaded): open in a new tab";
   }
-  let i = 0;
-  while (i < lines.length) {
-    const line = lines[i];
-    if (!line.trim()) {
-      i++;
-      continue;
-    }
-    let m = FENCE.exec(line);
-    if (m) {
-      const indent = m[1].length;
-      const marker = m[2];
-      const body = [];
-      i++;
-      while (i < lines.length) {
-        const close = FENCE_CLOSE.exec(lines[i]);
-        if (close && close[1][0] === marker[0] && close[1].length >= marker.length) {
-          i++;
-          break;
-        }
-        body.push(stripIndent(lines[i], indent));
-        i++;
-      }
-      parent.append(codeBlock(body.join("\n"), m[3] || ""));
-      continue;
-    }
-    m = HEADING.exec(line);
-    if (m) {
-      parent.append(inline(h(`h${m[1].length}`), m[2] || "", depth));
-      i++;
-      continue;
-    }
-    if (HR.test(line)) {
-      parent.append(h("hr"));
-      i++;
-      continue;
-    }
-    if (QUOTE.test(line)) {
-      const inner = [];
-      while (i < lines.length && lines[i].trim()) {
-        const q = QUOTE.exec(lines[i]);
-        if (!q && startsBlock(lines, i)) break;
-        inner.push(q ? q[1] : lines[i]);
-        i++;
-      }
-      const quote = h("blockquote");
-      renderBlocks(inner, quote, depth + 1);
-      parent.append(quote);
-      continue;
-    }
-    if (ITEM.test(line)) {
-      i = renderList(lines, i, parent, depth);
-      continue;
-    }
-    if (isTableStart(lines, i)) {
-      i = renderTable(lines, i, parent, depth);
-      continue;
-    }
-    const para = [line.trim()];
-    i++;
-    while (i < lines.length && lines[i].trim() && !startsBlock(lines, i)) {
-      para.push(lines[i].trim());
-      i++;
-    }
-    parent.append(inline(h("p"), para.join("\n"), depth));
+  for (const slot of root.querySelectorAll("[data-slot]")) {
+    const block = env.blocks[Number(slot.dataset.slot)];
+    if (!block) slot.remove();
+    else if (block.kind === "code") slot.replaceWith(codeBlock(block.code, block.lang));
+    else slot.replaceWith(mathNode(block.tex, block.display));
   }
+  for (const li of root.querySelectorAll("li")) taskItem(li);
 }
 
-function stripIndent(line, indent) {
-  let n = 0;
-  while (n < indent && line[n] === " ") n++;
-  return line.slice(n);
+// "- [ ] todo" / "- [x] done": a disabled checkbox.
+function taskItem(li) {
+  const holder = li.firstChild && li.firstChild.nodeName === "P" ? li.firstChild : li;
+  const first = holder.firstChild;
+  if (!first || first.nodeType !== Node.TEXT_NODE) return;
+  const m = /^\[([ xX])\](?=[ \t]|$)/.exec(first.data);
+  if (!m) return;
+  first.data = first.data.slice(3);
+  li.classList.add("task");
+  holder.insertBefore(h("input", { type: "checkbox", disabled: true, checked: m[1] !== " " }), first);
 }
 
-function startsBlock(lines, i) {
-  const line = lines[i];
-  return (
-    FENCE.test(line) ||
-    HEADING.test(line) ||
-    HR.test(line) ||
-    QUOTE.test(line) ||
-    ITEM.test(line) ||
-    isTableStart(lines, i)
-  );
-}
+// ---- code -----------------------------------------------------------------------------------
 
-function isTableStart(lines, i) {
-  return (
-    i + 1 < lines.length &&
-    lines[i].includes("|") &&
-    lines[i + 1].includes("|") &&
-    lines[i + 1].includes("-") &&
-    TABLE_SEP.test(lines[i + 1])
-  );
-}
+let hljs = null;
+let hljsLoading = null;
+const pendingCode = new Set();
+const detected = new Map();
 
-function renderList(lines, start, parent, depth) {
-  const first = ITEM.exec(lines[start]);
-  const base = first[1].length;
-  const ordered = /\d/.test(first[2]);
-  const list = h(ordered ? "ol" : "ul");
-  if (ordered) {
-    const n = parseInt(first[2], 10);
-    if (n !== 1) list.setAttribute("start", String(n));
-  }
-  const items = [];
-  let loose = false;
-  let i = start;
-  while (i < lines.length) {
-    const m = ITEM.exec(lines[i]);
-    if (!m || m[1].length < base || m[1].length > base + 1 || /\d/.test(m[2]) !== ordered) break;
-    const contentIndent = m[1].length + m[2].length + 1;
-    const body = [m[3] || ""];
-    let blank = false;
-    i++;
-    while (i < lines.length) {
-      const line = lines[i];
-      if (!line.trim()) {
-        blank = true;
-        body.push("");
-        i++;
-        continue;
-      }
-      const indent = line.length - line.trimStart().length;
-      if (indent >= base + 2) {
-        if (blank) loose = loose || !ITEM.test(line);
-        body.push(line.slice(Math.min(indent, contentIndent)));
-        blank = false;
-        i++;
-        continue;
-      }
-      if (blank || ITEM.test(line) || startsBlock(lines, i)) break;
-      body.push(line.trim()); // lazy continuation of the item's paragraph
-      i++;
-    }
-    while (body.length && !body[body.length - 1].trim()) body.pop();
-    if (blank && i < lines.length) {
-      const next = ITEM.exec(lines[i]);
-      if (next && next[1].length >= base && next[1].length <= base + 1) loose = true;
-    }
-    items.push(body);
-  }
-  for (const body of items) {
-    const li = h("li");
-    const task = TASK.exec(body[0]);
-    if (task) {
-      body[0] = body[0].slice(task[0].length);
-      li.className = "task";
-      li.append(
-        h("input", { type: "checkbox", disabled: true, checked: task[1] !== " " }),
-        " ",
-      );
-    }
-    renderBlocks(body, li, depth + 1);
-    if (!loose) {
-      for (const p of li.querySelectorAll(":scope > p")) p.replaceWith(...p.childNodes);
-    }
-    list.append(li);
-  }
-  parent.append(list);
-  return i;
-}
-
-function splitRow(line) {
-  let s = line.trim();
-  if (s.startsWith("|")) s = s.slice(1);
-  if (s.endsWith("|") && !s.endsWith("\\|")) s = s.slice(0, -1);
-  const cells = [];
-  let cur = "";
-  let code = false;
-  for (let k = 0; k < s.length; k++) {
-    const c = s[k];
-    if (c === "\\" && s[k + 1] === "|") {
-      cur += "|";
-      k++;
-      continue;
-    }
-    if (c === "`") code = !code;
-    if (c === "|" && !code) {
-      cells.push(cur.trim());
-      cur = "";
-      continue;
-    }
-    cur += c;
-  }
-  cells.push(cur.trim());
-  return cells;
-}
-
-function renderTable(lines, start, parent, depth) {
-  const head = splitRow(lines[start]);
-  const aligns = splitRow(lines[start + 1]).map((c) => {
-    if (c.startsWith(":") && c.endsWith(":")) return "center";
-    if (c.endsWith(":")) return "right";
-    return "";
-  });
-  const cell = (tag, text, col) =>
-    inline(h(tag, aligns[col] ? { class: `align-${aligns[col]}` } : null), text || "", depth);
-  const thead = h("thead", null, h("tr", null, head.map((text, col) => cell("th", text, col))));
-  const tbody = h("tbody");
-  let i = start + 2;
-  while (i < lines.length && lines[i].trim() && lines[i].includes("|")) {
-    const cells = splitRow(lines[i]);
-    tbody.append(h("tr", null, head.map((_, col) => cell("td", cells[col], col))));
-    i++;
-  }
-  parent.append(h("div", { class: "table-wrap" }, h("table", null, thead, tbody)));
-  return i;
-}
-
-function codeBlock(code, lang) {
+function codeBlock(raw, lang) {
+  const code = raw.endsWith("\n") ? raw.slice(0, -1) : raw;
   const language = lang.replace(/[^\w+#.-]/g, "").slice(0, 30);
   const copy = h(
     "button",
@@ -274,12 +217,55 @@ function codeBlock(code, lang) {
     h("span", { text: "Copy" }),
   );
   copy.addEventListener("click", () => copyText(code, copy));
-  return h(
-    "div",
-    { class: "code-block" },
-    h("div", { class: "code-head" }, h("span", { class: "code-lang", text: language || "text" }), copy),
-    h("pre", null, h("code", language ? { class: `language-${language}` } : null, code)),
+  const codeEl = h("code", language ? { class: `language-${language}` } : null, code);
+  const label = h("span", { class: "code-lang", text: language || "text" });
+  if (code.trim() && code.length <= HIGHLIGHT_LIMIT) {
+    if (hljs) highlight(codeEl, label, code, language);
+    else {
+      pendingCode.add({ codeEl, label, code, language });
+      loadHighlighter();
+    }
+  }
+  return h("div", { class: "code-block" }, h("div", { class: "code-head" }, label, copy), h("pre", null, codeEl));
+}
+
+function loadHighlighter() {
+  hljsLoading ??= import("../vendor/highlight.js/highlight.mjs").then(
+    (mod) => {
+      hljs = mod.default;
+      hljs.configure({ ignoreUnescapedHTML: true, throwUnescapedHTML: false });
+      for (const item of pendingCode) highlight(item.codeEl, item.label, item.code, item.language);
+      pendingCode.clear();
+    },
+    (err) => console.warn("highlight.js did not load", err),
   );
+}
+
+function highlight(codeEl, label, code, language) {
+  let result;
+  try {
+    let lang = language && hljs.getLanguage(language) ? language : null;
+    if (!lang && !language) {
+      // Detection looks at the start of the block, and its answer is kept for that start, so a
+      // block that is still streaming in is not re-detected on every frame.
+      const sample = code.slice(0, DETECT_SAMPLE);
+      lang = detected.get(sample);
+      if (lang === undefined) {
+        lang = hljs.highlightAuto(sample).language || "";
+        if (detected.size > 200) detected.clear();
+        detected.set(sample, lang);
+      }
+      if (lang) label.textContent = lang;
+    }
+    if (!lang) return;
+    result = hljs.highlight(code, { language: lang, ignoreIllegals: true });
+  } catch {
+    return;
+  }
+  // highlight.js escapes the code and adds only <span class="hljs-…">; sanitised all the same.
+  const fragment = DOMPurify.sanitize(result.value, { RETURN_DOM_FRAGMENT: true, ALLOWED_TAGS: ["span"], ALLOWED_ATTR: ["class"] });
+  codeEl.replaceChildren(fragment);
+  codeEl.classList.add("hljs");
 }
 
 async function copyText(text, button) {
@@ -295,232 +281,207 @@ async function copyText(text, button) {
   }, 1500);
 }
 
-// ---- inline ---------------------------------------------------------------------------------
+// ---- math -----------------------------------------------------------------------------------
 
-function inline(el, text, depth, noLinks = false) {
-  appendInline(el, text, depth, noLinks);
+let katex = null;
+let katexLoading = null;
+const pendingMath = new Set();
+const mathCache = new Map();
+
+function mathNode(tex, display) {
+  const el = h(display ? "div" : "span", { class: display ? "math math-display" : "math math-inline" });
+  el.textContent = display ? tex : tex; // source text until KaTeX is there (or if it fails)
+  el.dataset.tex = tex;
+  if (katex) typeset(el, tex, display);
+  else {
+    pendingMath.add(el);
+    katexLoading ??= import("../vendor/katex/katex.mjs").then(
+      (mod) => {
+        katex = mod.default;
+        for (const node of pendingMath) typeset(node, node.dataset.tex, node.classList.contains("math-display"));
+        pendingMath.clear();
+      },
+      (err) => console.warn("KaTeX did not load", err),
+    );
+  }
   return el;
 }
 
-function runLength(s, i, ch) {
-  let j = i;
-  while (s[j] === ch) j++;
-  return j - i;
+function typeset(el, tex, display) {
+  const key = `${display ? "D" : "I"}${tex}`;
+  let cached = mathCache.get(key);
+  if (cached === undefined) {
+    cached = null;
+    if (tex.length <= MATH_LIMIT) {
+      try {
+        const markup = katex.renderToString(tex, { ...KATEX_OPTIONS, displayMode: display });
+        cached = DOMPurify.sanitize(markup, {
+          RETURN_DOM_FRAGMENT: true,
+          USE_PROFILES: { html: true, mathMl: true },
+          // KaTeX keeps the TeX source in <semantics><annotation> (copy-paste, screen readers).
+          ADD_TAGS: ["semantics", "annotation"],
+          ADD_ATTR: ["encoding"],
+          FORBID_ATTR: ["style", "href"],
+        });
+      } catch {
+        cached = null; // a bad formula stays its source text
+      }
+    }
+    if (mathCache.size > 500) mathCache.clear();
+    mathCache.set(key, cached);
+  }
+  if (cached) {
+    el.replaceChildren(cached.cloneNode(true));
+    el.classList.remove("math-error");
+  } else el.classList.add("math-error");
 }
 
-function appendInline(parent, s, depth, noLinks) {
-  if (depth > MAX_DEPTH) {
-    parent.append(s);
+// $…$, $$…$$, \(…\) and \[…\], inline and (for $$ and \[ at the start of a line) as blocks.
+function mathPlugin(mdi) {
+  mdi.inline.ruler.before("escape", "math_inline", mathInline);
+  mdi.block.ruler.before("fence", "math_block", mathBlock, { alt: ["paragraph", "reference", "blockquote", "list"] });
+}
+
+function mathInline(state, silent) {
+  const src = state.src;
+  const pos = state.pos;
+  let open;
+  let close;
+  if (src.startsWith("\\(", pos)) [open, close] = ["\\(", "\\)"];
+  else if (src.startsWith("\\[", pos)) [open, close] = ["\\[", "\\]"];
+  else if (src.startsWith("$$", pos)) [open, close] = ["$$", "$$"];
+  else if (src[pos] === "$") [open, close] = ["$", "$"];
+  else return false;
+  const start = pos + open.length;
+  let end = src.indexOf(close, start);
+  if (open === "$") {
+    // Pandoc's rule, so that prices ("$5 and $10") stay text: no space inside the dollars, and
+    // no digit right after the closing one.
+    if (/\s/.test(src[start] || " ") || (pos > 0 && src[pos - 1] === "\\")) return false;
+    while (end !== -1 && (src[end - 1] === "\\" || /\s/.test(src[end - 1]) || /\d/.test(src[end + 1] || ""))) {
+      end = src.indexOf("$", end + 1);
+    }
+  }
+  if (end === -1 || end === start) return false;
+  // `\[` and `\(` are also CommonMark escapes: take them as math only around something
+  // formula-like, so that "\[\\\]" stays escaped punctuation.
+  if (open[0] === "\\" && !/[\p{L}\p{N}]/u.test(src.slice(start, end))) return false;
+  if (!silent) {
+    const token = state.push("math_inline", "math", 0);
+    token.markup = open;
+    token.content = src.slice(start, end);
+  }
+  state.pos = end + close.length;
+  return true;
+}
+
+function mathBlock(state, startLine, endLine, silent) {
+  let pos = state.bMarks[startLine] + state.tShift[startLine];
+  let max = state.eMarks[startLine];
+  if (state.sCount[startLine] - state.blkIndent >= 4) return false;
+  const first = state.src.slice(pos, max);
+  let close;
+  if (first.startsWith("$$")) close = "$$";
+  else if (first.startsWith("\\[")) close = "\\]";
+  else return false;
+  if (silent) return true;
+  let body = first.slice(2);
+  let line = startLine;
+  let found = false;
+  const lines = [];
+  // A formula on one line: $$ x $$ (anything after the closing marker keeps it inline instead).
+  const sameLine = body.indexOf(close);
+  if (sameLine !== -1) {
+    if (body.slice(sameLine + 2).trim()) return false;
+    lines.push(body.slice(0, sameLine));
+    found = true;
+  } else {
+    if (body.trim()) lines.push(body);
+    while (!found && ++line < endLine) {
+      pos = state.bMarks[line] + state.tShift[line];
+      max = state.eMarks[line];
+      if (pos < max && state.sCount[line] < state.blkIndent) break;
+      const text = state.src.slice(pos, max);
+      const at = text.indexOf(close);
+      if (at !== -1) {
+        if (text.slice(at + 2).trim()) return false;
+        lines.push(text.slice(0, at));
+        found = true;
+      } else lines.push(text);
+    }
+    // Still streaming (or never closed): a $$ block runs to the end, shown as its source. An
+    // unclosed \[ is left to the other rules, since \[ is also a CommonMark escape.
+    if (!found && close === "\\]") return false;
+  }
+  if (close === "\\]" && !/[\p{L}\p{N}]/u.test(lines.join(""))) return false;
+  state.line = Math.min(line + 1, endLine);
+  const token = state.push("math_block", "math", 0);
+  token.block = true;
+  token.content = lines.join("\n").trim();
+  token.markup = close;
+  token.map = [startLine, state.line];
+  return true;
+}
+
+// ---- streaming ------------------------------------------------------------------------------
+
+const streams = new WeakMap();
+const REFERENCE_DEF = /^ {0,3}\[[^\]\n]+\]:/m;
+
+/**
+ * Show `text` in `el`. The page's view already renders at most once per animation frame (see
+ * view.js: deltas mark a message dirty, one requestAnimationFrame renders them), so this renders
+ * at once; while text only grows, the blocks before the last top-level one are kept and only the
+ * rest is parsed and rendered again.
+ */
+export function renderInto(el, text) {
+  let state = streams.get(el);
+  if (!state) {
+    state = { text: null, parts: [], env: null };
+    streams.set(el, state);
+  }
+  update(el, state, String(text));
+}
+
+function update(el, state, text) {
+  if (text === state.text) return;
+  const parts = state.parts;
+  const last = parts[parts.length - 1];
+  const incremental =
+    state.text !== null && last && text.startsWith(state.text) && parts.every((p) => p.nodes.every((n) => n.parentNode === el));
+  let from = 0;
+  let kept = [];
+  if (incremental) {
+    from = last.offset;
+    kept = parts.slice(0, -1);
+    for (const node of last.nodes) node.remove();
+  } else {
+    el.replaceChildren();
+    state.env = { blocks: [], references: {} };
+  }
+  const env = state.env;
+  // Reference definitions from the blocks kept stay in env.references.
+  env.blocks = [];
+  const tail = text.slice(from);
+  if (incremental && REFERENCE_DEF.test(tail)) {
+    // A link reference definition still arriving can turn "[x]" in an earlier block into a
+    // link (and its URL is still growing): render the whole reply again, with fresh references.
+    state.text = null;
+    state.parts = [];
+    update(el, state, text);
     return;
   }
-  let buf = "";
-  const flush = () => {
-    if (buf) {
-      parent.append(buf);
-      buf = "";
-    }
-  };
-  let i = 0;
-  while (i < s.length) {
-    const c = s[i];
-    if (c === "\\" && i + 1 < s.length && PUNCT.test(s[i + 1])) {
-      buf += s[i + 1];
-      i += 2;
-      continue;
-    }
-    if (c === "\n") {
-      flush();
-      parent.append(h("br"));
-      i++;
-      continue;
-    }
-    if (c === "`") {
-      const run = runLength(s, i, "`");
-      const close = findBackticks(s, i + run, run);
-      if (close !== -1) {
-        flush();
-        let code = s.slice(i + run, close).replace(/\n/g, " ");
-        if (code.length > 2 && code.startsWith(" ") && code.endsWith(" ") && code.trim()) {
-          code = code.slice(1, -1);
-        }
-        parent.append(h("code", null, code));
-        i = close + run;
-        continue;
-      }
-      buf += s.slice(i, i + run);
-      i += run;
-      continue;
-    }
-    if (!noLinks && (c === "[" || (c === "!" && s[i + 1] === "["))) {
-      const image = c === "!";
-      const link = parseLink(s, image ? i + 1 : i);
-      if (link) {
-        flush();
-        const href = safeUrl(link.href);
-        const label = link.text || (image ? "image" : link.href);
-        if (href) {
-          const a = h("a", { href, target: "_blank", rel: "noopener noreferrer" });
-          if (image) a.append(label);
-          else appendInline(a, label, depth + 1, true);
-          parent.append(a);
-        } else {
-          appendInline(parent, label, depth + 1, true);
-        }
-        i = link.end;
-        continue;
-      }
-    }
-    if (!noLinks && c === "<") {
-      AUTOLINK.lastIndex = i;
-      const m = AUTOLINK.exec(s);
-      const href = m && safeUrl(m[1]);
-      if (href) {
-        flush();
-        parent.append(link(href, m[1]));
-        i = AUTOLINK.lastIndex;
-        continue;
-      }
-    }
-    if (!noLinks && (c === "h" || c === "H") && (i === 0 || !WORD.test(s[i - 1]))) {
-      BARE_URL.lastIndex = i;
-      const m = BARE_URL.exec(s);
-      if (m) {
-        let url = m[0].replace(/[.,:;!?*_~]+$/, "");
-        if (url.endsWith(")") && !url.includes("(")) url = url.slice(0, -1);
-        const href = safeUrl(url);
-        if (href && url.length > 8) {
-          flush();
-          parent.append(link(href, url));
-          i += url.length;
-          continue;
-        }
-      }
-    }
-    if (c === "*" || c === "_" || c === "~") {
-      const em = parseEmphasis(s, i);
-      if (em) {
-        flush();
-        parent.append(inline(h(em.tag), em.inner, depth + 1, noLinks));
-        i = em.end;
-        continue;
-      }
-      const run = runLength(s, i, c);
-      buf += s.slice(i, i + run);
-      i += run;
-      continue;
-    }
-    buf += c;
-    i++;
-  }
-  flush();
-}
-
-function link(href, text) {
-  return h("a", { href, target: "_blank", rel: "noopener noreferrer" }, text);
-}
-
-function findBackticks(s, from, run) {
-  let j = from;
-  while (j < s.length) {
-    j = s.indexOf("`", j);
-    if (j === -1) return -1;
-    const len = runLength(s, j, "`");
-    if (len === run) return j;
-    j += len;
-  }
-  return -1;
-}
-
-function parseLink(s, i) {
-  // s[i] === "["; find the matching "]" then "(" destination [title] ")".
-  let depth = 0;
-  let j = i;
-  for (; j < s.length && j - i < EMPHASIS_WINDOW; j++) {
-    const c = s[j];
-    if (c === "\\") {
-      j++;
-      continue;
-    }
-    if (c === "[") depth++;
-    else if (c === "]") {
-      depth--;
-      if (depth === 0) break;
-    } else if (c === "\n" && s[j + 1] === "\n") return null;
-  }
-  if (s[j] !== "]" || s[j + 1] !== "(") return null;
-  const text = s.slice(i + 1, j);
-  let k = j + 2;
-  while (s[k] === " ") k++;
-  let href = "";
-  if (s[k] === "<") {
-    const end = s.indexOf(">", k);
-    if (end === -1) return null;
-    href = s.slice(k + 1, end);
-    k = end + 1;
-  } else {
-    let parens = 0;
-    const begin = k;
-    for (; k < s.length; k++) {
-      const c = s[k];
-      if (/\s/.test(c)) break;
-      if (c === "(") parens++;
-      else if (c === ")") {
-        if (parens === 0) break;
-        parens--;
-      }
-    }
-    href = s.slice(begin, k);
-  }
-  while (s[k] === " ") k++;
-  if (s[k] === '"' || s[k] === "'") {
-    const end = s.indexOf(s[k], k + 1);
-    if (end === -1) return null;
-    k = end + 1;
-    while (s[k] === " ") k++;
-  }
-  if (s[k] !== ")") return null;
-  return { text, href, end: k + 1 };
-}
-
-function parseEmphasis(s, i) {
-  const c = s[i];
-  const run = runLength(s, i, c);
-  let size;
-  let tag;
-  if (c === "~") {
-    if (run !== 2) return null;
-    size = 2;
-    tag = "del";
-  } else {
-    size = run >= 2 ? 2 : 1;
-    tag = size === 2 ? "strong" : "em";
-  }
-  const open = i + size;
-  const next = s[open];
-  if (!next || /\s/.test(next)) return null;
-  if (c === "_" && i > 0 && WORD.test(s[i - 1])) return null; // snake_case is not emphasis
-  const delim = c.repeat(size);
-  const limit = Math.min(s.length, open + EMPHASIS_WINDOW);
-  let j = open + (run > size ? run - size : 0);
-  while (j < limit) {
-    j = s.indexOf(delim, j);
-    if (j === -1 || j >= limit) return null;
-    const runEnd = j + runLength(s, j, c);
-    const closeRun = runEnd - j;
-    const prev = s[j - 1];
-    let k = -1;
-    if (prev && !/\s/.test(prev) && prev !== "\\") {
-      if (size === 1) {
-        if (closeRun === 1) k = j;
-        else if (closeRun >= 3) k = runEnd - 1;
-      } else {
-        k = closeRun >= 3 ? runEnd - 2 : j;
-      }
-    }
-    if (k > open && !(c === "_" && WORD.test(s[k + size] || ""))) {
-      return { tag, inner: s.slice(open, k), end: k + size };
-    }
-    j = runEnd;
-  }
-  return null;
+  const tokens = md.parse(tail, env);
+  const lineStarts = [0];
+  for (let i = tail.indexOf("\n"); i !== -1; i = tail.indexOf("\n", i + 1)) lineStarts.push(i + 1);
+  const fragment = renderTokens(tokens, env);
+  const starts = tokens.filter((t) => t.level === 0 && t.nesting !== -1 && t.map).map((t) => from + lineStarts[t.map[0]]);
+  const nodes = [...fragment.childNodes];
+  const newParts = [];
+  if (starts.length === nodes.length && starts.length) {
+    nodes.forEach((node, i) => newParts.push({ offset: starts[i], nodes: [node] }));
+  } else if (nodes.length) newParts.push({ offset: starts[0] ?? from, nodes });
+  el.append(fragment);
+  state.parts = kept.concat(newParts);
+  state.text = text;
 }

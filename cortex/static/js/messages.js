@@ -2,7 +2,7 @@
 // Markdown renderer (which builds nodes itself); nothing here touches innerHTML.
 
 import { h, icon } from "./dom.js";
-import { renderMarkdown } from "./markdown.js";
+import { renderInto } from "./markdown.js";
 
 const STATUS_NOTES = {
   cancelled: "Stopped",
@@ -102,7 +102,7 @@ export function updateMessage(li, msg, tools) {
   const md = li.querySelector(".md");
   const content = msg.kind === "tool" ? "" : msg.content;
   if (msg.renderedContent !== content) {
-    md.replaceChildren(renderMarkdown(content));
+    renderInto(md, content); // at most once per frame, re-rendering only the last block
     msg.renderedContent = content;
   }
   md.hidden = !content;
