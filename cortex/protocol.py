@@ -138,7 +138,6 @@ class Configure(Inbound):
 
 
 # Every inbound class above is registered by now: the parser is built from the registry.
-InboundFrame = Inbound
 INBOUND_TYPES = frozenset(INBOUND_FRAMES)
 _INBOUND: TypeAdapter[Inbound] = TypeAdapter(
     cast(Any, Annotated[Union[tuple(INBOUND_FRAMES.values())], Field(discriminator="type")])  # noqa: UP007

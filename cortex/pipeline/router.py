@@ -115,8 +115,5 @@ class Router:
     def closing(self) -> bool:
         return self.workers.closing
 
-    def busy(self) -> bool:
-        return self.workers.busy()
-
     def in_progress(self) -> int:
         return self.workers.in_progress()

@@ -220,9 +220,6 @@ class Workers:
         worker.cancel()
         await asyncio.wait({worker}, timeout=grace)
 
-    def busy(self) -> bool:
-        return bool(self._workers)
-
     def in_progress(self) -> int:
         """How many conversations are generating a reply now (a metric)."""
         return len(self.live.current)
