@@ -32,6 +32,7 @@ from .server.endpoint import Endpoint
 from .server.handshakes import ReportingConnection, websockets_logger
 from .server.routes import HttpRoutes
 from .store import Store, TokenStore, make_engine, migrate
+from .tools.mcp import McpConfigError, McpServers, ServerConfig, load_config
 from .tools.registry import ToolRegistry, build_registry
 
 log = logging.getLogger("cortex")
@@ -61,10 +62,21 @@ class Cortex:
         else:
             self.hub = Hub()
         self.llm = llm or LlmService(settings)
+        mcp_configs = load_mcp_configs(settings)
         self.tools: ToolRegistry = build_registry(
-            modules=settings.tool_modules, enabled=settings.tools
+            modules=settings.tool_modules,
+            enabled=settings.tools,
+            mcp_servers=[c.name for c in mcp_configs],
         )
         self.metrics.known_tools(self.tools.names)
+        self.mcp = McpServers(
+            mcp_configs,
+            registry=self.tools,
+            metrics=self.metrics,
+            connect_timeout=settings.mcp_connect_timeout,
+            backoff_s=settings.mcp_backoff_s,
+            result_max_chars=settings.tool_result_max_chars,
+        )
         self.router = Router(
             settings=settings,
             store=self.store,
@@ -143,6 +155,9 @@ class Cortex:
                 log.warning("could not look for unanswered messages", exc_info=True)
 
     async def start(self) -> None:
+        # MCP servers connect in the background, each on its own: a slow or broken one holds up
+        # neither the start nor the others (its tools join the registry when it is up).
+        self.mcp.start()
         await asyncio.to_thread(migrate, self.settings.database_url)
         self.endpoint.gate = gate = await self.build_gate()
         await self.hub.start()
@@ -206,10 +221,21 @@ class Cortex:
         await self.close_parts()
 
     async def close_parts(self) -> None:
+        await self.mcp.stop()  # every session closed, every stdio child stopped
         await self.manager.close()
         await self.hub.close()
         await self.store.close()
         await self.engine.dispose()
+
+
+def load_mcp_configs(settings: Settings) -> list[ServerConfig]:
+    """The servers of `CORTEX_MCP_CONFIG`; a bad file stops the start, naming server and field."""
+    if settings.mcp_config is None:
+        return []
+    try:
+        return load_config(settings.mcp_config, os.environ)
+    except McpConfigError as exc:
+        raise StartupError(str(exc)) from None
 
 
 @contextlib.asynccontextmanager

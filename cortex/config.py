@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     tool_modules: CsvList = Field(default_factory=list)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
 
+    # MCP servers (docs/tools.md): an `mcpServers` JSON file, connected at start.
+    mcp_config: Path | None = None
+    mcp_connect_timeout: float = Field(default=10.0, gt=0)  # connect + initialize + list tools
+    mcp_backoff_s: float = Field(default=1.0, gt=0)  # first reconnect delay; doubles up to 60 s
+    tool_result_max_chars: int = Field(default=20_000, ge=100)  # an MCP result is cut there
+
     # Scale-out (docs/scaling.md): Redis carries events between processes and holds each
     # conversation's reply lease; without it one process serves everything.
     redis_url: SecretStr | None = None

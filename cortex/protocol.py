@@ -317,6 +317,7 @@ class ToolCallEvent(Outbound):
     call_id: str
     name: str
     arguments: Any
+    server: str | None = None  # the MCP server the tool runs on; null for a Python tool
 
 
 class ToolResultEvent(Outbound):
@@ -327,6 +328,7 @@ class ToolResultEvent(Outbound):
     ok: bool
     result: Any = None
     error: str | None = None
+    server: str | None = None  # the MCP server the tool ran on; null for a Python tool
 
 
 class HistoryPage(Outbound):

@@ -112,6 +112,27 @@ class Metrics:
             buckets=TOOL_BUCKETS,
             registry=r,
         )
+        # MCP servers (docs/tools.md); a server name comes from the operator's file, never a
+        # client, so it is a bounded label.
+        self.mcp_calls = Counter(
+            "cortex_mcp_calls",
+            "MCP tool calls by server and outcome (ok, error, timeout)",
+            ["server", "outcome"],
+            registry=r,
+        )
+        self.mcp_seconds = Histogram(
+            "cortex_mcp_call_seconds",
+            "MCP tool call duration by server",
+            ["server"],
+            buckets=TOOL_BUCKETS,
+            registry=r,
+        )
+        self.mcp_reconnects = Counter(
+            "cortex_mcp_reconnects", "MCP reconnect attempts by server", ["server"], registry=r
+        )
+        self.mcp_up = Gauge(
+            "cortex_mcp_up", "1 while an MCP server is connected", ["server"], registry=r
+        )
         self._db = Histogram(
             "cortex_db_operation_seconds",
             "Database operation latency, by store method",
@@ -209,6 +230,16 @@ class Metrics:
         label = name if name in self._tools else UNKNOWN_TOOL
         self.tool_calls.labels(label, "ok" if ok else "error").inc()
         self.tool_seconds.labels(label).observe(seconds)
+
+    def mcp_call(self, server: str, outcome: str, seconds: float) -> None:
+        self.mcp_calls.labels(server, outcome).inc()
+        self.mcp_seconds.labels(server).observe(seconds)
+
+    def mcp_reconnect(self, server: str) -> None:
+        self.mcp_reconnects.labels(server).inc()
+
+    def mcp_state(self, server: str, *, up: bool) -> None:
+        self.mcp_up.labels(server).set(1 if up else 0)
 
     # ---- exposition ---------------------------------------------------------------------
 

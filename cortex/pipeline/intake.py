@@ -6,6 +6,7 @@ The message is acknowledged only once it is committed; its reply is the workers'
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Container
 from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
@@ -32,7 +33,7 @@ class Intake:
         hub: Hub,
         live: Live,
         workers: Workers,
-        tool_names: frozenset[str],
+        tool_names: Container[str],
         telemetry: Telemetry,
     ) -> None:
         self.settings = settings

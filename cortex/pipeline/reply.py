@@ -88,7 +88,7 @@ class Replies:
             model=model,
             system_prompt=conv.system_prompt or self.settings.system_prompt,
             temperature=temperature if temperature is not None else conv.temperature,
-            specs=self.tool_loop.specs(pending.tools),
+            specs=self.tool_loop.specs(pending.tools, user=conv.owner),
             trace=self.telemetry.reply(
                 conversation_id=conv.id,
                 model=model,
@@ -111,7 +111,12 @@ class Replies:
                     return
                 rounds += 1
                 await self.tool_loop.run(
-                    conversation_id, result.message_id, result.calls, pending.tools, plan.trace
+                    conversation_id,
+                    result.message_id,
+                    result.calls,
+                    pending.tools,
+                    plan.trace,
+                    user=started.conversation.owner,
                 )
                 if rounds >= self.settings.max_tool_rounds:
                     await self.tool_loop.limit_reached(conversation_id, plan.model)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
@@ -45,12 +45,18 @@ class ToolLoop:
         self.tools = tools
 
     @property
-    def names(self) -> frozenset[str]:
-        return frozenset(self.tools.names) if self.tools is not None else frozenset()
+    def names(self) -> Container[str]:
+        """The names a `send` may list: live, since MCP servers' tools come and go."""
+        return self.tools.known if self.tools is not None else frozenset()
 
-    def specs(self, names: tuple[str, ...] | None) -> list[dict[str, Any]]:
-        """The tool specs a reply offers the model (`names`: the send's choice)."""
-        return self.tools.specs(names) if self.tools is not None else []
+    def specs(self, names: tuple[str, ...] | None, user: str | None = None) -> list[dict[str, Any]]:
+        """The tool specs a reply offers the model (`names`: the send's choice; `user`: the
+        conversation's owner, for MCP servers with a `users` list)."""
+        return self.tools.specs(names, user=user) if self.tools is not None else []
+
+    def _server(self, name: str) -> str | None:
+        found = self.tools.get(name) if self.tools is not None else None
+        return found.server if found is not None else None
 
     async def run(
         self,
@@ -59,6 +65,7 @@ class ToolLoop:
         calls: Sequence[ToolCall],
         allowed: tuple[str, ...] | None,
         trace: ReplyTrace,
+        user: str | None = None,
     ) -> None:
         """Run every call of one turn concurrently; store and announce each result."""
         for call in calls:
@@ -70,9 +77,12 @@ class ToolLoop:
                     call_id=call.id,
                     name=call.name,
                     arguments=parse_arguments(call.arguments),
+                    server=self._server(call.name),
                 ).encode(),
             )
-        results = await asyncio.gather(*(self._run_one(call, allowed, trace) for call in calls))
+        results = await asyncio.gather(
+            *(self._run_one(call, allowed, trace, user) for call in calls)
+        )
         for call, outcome in zip(calls, results, strict=True):
             async with self.live.lock(conversation_id):
                 row = await self.store.add_message(
@@ -92,17 +102,22 @@ class ToolLoop:
                         ok=outcome.ok,
                         result=outcome.result if outcome.ok else None,
                         error=outcome.error,
+                        server=outcome.server,
                     ).encode(),
                 )
                 self.hub.publish(conversation_id, message_event(row))
 
     async def _run_one(
-        self, call: ToolCall, allowed: tuple[str, ...] | None, trace: ReplyTrace
+        self, call: ToolCall, allowed: tuple[str, ...] | None, trace: ReplyTrace, user: str | None
     ) -> ToolResult:
         assert self.tools is not None  # a model only calls tools it was given
         started = time.monotonic()
         outcome = await self.tools.run(
-            call.name, call.arguments, timeout=self.settings.tool_timeout, allowed=allowed
+            call.name,
+            call.arguments,
+            timeout=self.settings.tool_timeout,
+            allowed=allowed,
+            user=user,
         )
         trace.tool_finished(call.name, outcome.ok, time.monotonic() - started)
         return outcome

@@ -43,6 +43,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# OpenAI refuses a request with more tools than this; the rest are left out, and logged.
+MAX_OFFERED = 128
 # Providers accept this much of a function name (OpenAI's rule; the strictest in common use).
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MAX_ERROR_CHARS = 500
@@ -63,6 +65,11 @@ class Tool:
     # Validates the model's arguments; built from the signature even when `parameters` was
     # written by hand, because the function is what must accept them.
     arguments_model: type[BaseModel] | None = field(default=None, repr=False, compare=False)
+    # An MCP tool: the server it runs on, that server's own per-call timeout, and the users
+    # who may call it (None: everyone). A Python tool has none of these.
+    server: str | None = None
+    timeout: float | None = None
+    users: frozenset[str] | None = None
 
     def spec(self) -> dict[str, Any]:
         """The OpenAI-style entry for the `tools` list of a completion request (a fresh copy)."""
@@ -83,11 +90,16 @@ class ToolResult:
     ok: bool
     result: Any = None
     error: str | None = None
+    # An MCP tool's result is already text (cut to size), sent as it is; `server` names it.
+    text: str | None = None
+    server: str | None = None
 
     def content(self) -> str:
         """The text sent back to the model as the `tool` message."""
         if not self.ok:
             return f"Error: {self.error}"
+        if self.text is not None:
+            return self.text
         return json.dumps(self.result, ensure_ascii=False, default=str)
 
 
@@ -173,10 +185,16 @@ async def _call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
 
 
 class ToolRegistry:
-    """The tools one server offers, by name, in registration order."""
+    """The tools one server offers, by name: Python tools in registration order, then the
+    tools of each MCP server that is up (they come and go with their server)."""
 
     def __init__(self) -> None:
         self._tools: dict[str, Tool] = {}
+        self._remote: dict[str, dict[str, Tool]] = {}  # server -> its tools, while it is up
+        self._seen_remote: set[str] = set()  # a down server's tools are still known names
+        self._remote_enabled: frozenset[str] | None = None  # CORTEX_TOOLS' MCP names
+        self.left_out: list[str] = []  # the last tools past MAX_OFFERED (for `cortex doctor`)
+        self.known = _Known(self)
 
     def add(
         self,
@@ -219,21 +237,62 @@ class ToolRegistry:
         return added
 
     def get(self, name: str) -> Tool | None:
-        return self._tools.get(name)
+        return self._all().get(name)
 
     @property
     def names(self) -> list[str]:
-        return list(self._tools)
+        return list(self._all())
 
-    def specs(self, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
-        """Specs for a completion request: all tools, or only `names` (`UnknownTool` if absent)."""
+    def knows(self, name: str) -> bool:
+        """A Python tool, or an MCP tool seen since start (its server may be down just now)."""
+        return name in self._tools or name in self._seen_remote
+
+    def set_server_tools(self, server: str, tools: Iterable[Tool]) -> None:
+        """Replace `server`'s tools (none while it is down); CORTEX_TOOLS still applies."""
+        kept: dict[str, Tool] = {}
+        for found in tools:
+            if found.name in self._tools:
+                log.warning("MCP tool %s clashes with a Python tool; left out", found.name)
+            elif self._remote_enabled is None or found.name in self._remote_enabled:
+                kept[found.name] = found
+        if kept:
+            self._remote[server] = kept
+        else:
+            self._remote.pop(server, None)
+        self._seen_remote.update(kept)
+
+    def _all(self) -> dict[str, Tool]:
+        merged = dict(self._tools)
+        for tools in self._remote.values():
+            merged.update(tools)
+        return merged
+
+    def specs(
+        self, names: Iterable[str] | None = None, *, user: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Specs for a completion request: all tools, or only `names` (`UnknownTool` if never
+        known), without the tools of servers that are down or that `user` may not use, and at
+        most `MAX_OFFERED` of them (OpenAI's limit)."""
+        pool = self._all()
         if names is None:
-            return [t.spec() for t in self._tools.values()]
-        wanted = list(dict.fromkeys(names))
-        missing = [n for n in wanted if n not in self._tools]
-        if missing:
-            raise UnknownTool(missing, self._tools)
-        return [self._tools[n].spec() for n in wanted]
+            chosen = list(pool.values())
+        else:
+            wanted = list(dict.fromkeys(names))
+            missing = [n for n in wanted if not self.knows(n)]
+            if missing:
+                raise UnknownTool(missing, pool)
+            chosen = [pool[n] for n in wanted if n in pool]
+        chosen = [t for t in chosen if t.users is None or user in t.users]
+        left_out = [t.name for t in chosen[MAX_OFFERED:]]
+        if left_out and left_out != self.left_out:
+            log.warning(
+                "%d tools offered, the limit is %d; left out: %s",
+                len(chosen),
+                MAX_OFFERED,
+                ", ".join(left_out),
+            )
+        self.left_out = left_out
+        return [t.spec() for t in chosen[:MAX_OFFERED]]
 
     def subset(self, names: Iterable[str]) -> ToolRegistry:
         """A registry of only `names`, in that order (`UnknownTool` if one is absent)."""
@@ -253,6 +312,7 @@ class ToolRegistry:
         # The caller's per-call budget, applied inside with asyncio.timeout(); part of the API.
         timeout: float,  # noqa: ASYNC109
         allowed: Collection[str] | None = None,
+        user: str | None = None,
     ) -> ToolResult:
         """Run one tool call from the model; failures come back as `ToolResult(ok=False)`.
 
@@ -261,9 +321,16 @@ class ToolRegistry:
         returns (threads cannot be killed); the caller gets its answer at the timeout anyway.
         Cancellation of the caller propagates (it is not a tool failure).
         """
-        found = self._tools.get(name)
+        pool = self._all()
+        found = pool.get(name)
+        if found is not None and found.users is not None and user not in found.users:
+            found = None  # not offered to this user, so not callable either
         if found is None or (allowed is not None and name not in allowed):
-            offered = [n for n in self._tools if allowed is None or n in allowed]
+            offered = [
+                n
+                for n, t in pool.items()
+                if (allowed is None or n in allowed) and (t.users is None or user in t.users)
+            ]
             return ToolResult(
                 ok=False,
                 error=f"unknown tool {name!r}; available tools: {', '.join(offered) or 'none'}",
@@ -271,7 +338,12 @@ class ToolRegistry:
         try:
             kwargs = parse_arguments(arguments)
         except ValueError as exc:
-            return ToolResult(ok=False, error=f"{name}: {exc}")
+            return ToolResult(ok=False, error=f"{name}: {exc}", server=found.server)
+        if found.server is not None:
+            # An MCP tool: its server checks the arguments, and the call applies the server's
+            # own timeout (or this one) and cancels the request at the server when it expires.
+            outcome: ToolResult = await found.fn(kwargs, timeout=found.timeout or timeout)
+            return outcome
         if found.arguments_model is not None:
             try:
                 validated = found.arguments_model.model_validate(kwargs)
@@ -305,6 +377,16 @@ class ToolRegistry:
         return ToolResult(ok=True, result=ready)
 
 
+class _Known:
+    """A live `in` test of the names a `send` may list (intake holds it, the registry changes)."""
+
+    def __init__(self, registry: ToolRegistry) -> None:
+        self._registry = registry
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._registry.knows(name)
+
+
 def builtin_registry() -> ToolRegistry:
     """A fresh registry of the built-in tools, which are safe to offer on a shared server."""
     registry = ToolRegistry()
@@ -313,7 +395,9 @@ def builtin_registry() -> ToolRegistry:
     return registry
 
 
-def build_registry(*, modules: Sequence[str], enabled: Sequence[str] | None) -> ToolRegistry:
+def build_registry(
+    *, modules: Sequence[str], enabled: Sequence[str] | None, mcp_servers: Collection[str] = ()
+) -> ToolRegistry:
     """The registry a server offers: built-ins plus `modules`' tools, narrowed to `enabled`.
 
     `enabled=None` keeps every tool loaded (the built-ins when no module is named). A name in
@@ -325,7 +409,13 @@ def build_registry(*, modules: Sequence[str], enabled: Sequence[str] | None) -> 
         registry.load_module(module_name)
     if enabled is None:
         return registry
+    # `server__tool` names of configured MCP servers are checked when their server connects.
+    prefixes = tuple(f"{server}__" for server in mcp_servers)
+    remote = [n for n in enabled if n not in registry._tools and n.startswith(prefixes)]
     try:
-        return registry.subset(enabled)
+        narrowed = registry.subset([n for n in enabled if n not in remote])
     except UnknownTool as exc:
         raise UnknownTool(exc.names, registry.names, source="CORTEX_TOOLS") from None
+    if prefixes:
+        narrowed._remote_enabled = frozenset(remote)
+    return narrowed

@@ -1,0 +1,5 @@
+"""A server that exits at once, before answering anything."""
+
+import sys
+
+sys.exit(2)
