@@ -319,6 +319,9 @@ class ToolCallEvent(Outbound):
     arguments: Any
     server: str | None = None  # the MCP server the tool runs on; null for a Python tool
 
+    def encode(self) -> str:
+        return _with_server(self)
+
 
 class ToolResultEvent(Outbound):
     type: Literal["tool_result"] = "tool_result"
@@ -329,6 +332,16 @@ class ToolResultEvent(Outbound):
     result: Any = None
     error: str | None = None
     server: str | None = None  # the MCP server the tool ran on; null for a Python tool
+
+    def encode(self) -> str:
+        return _with_server(self)
+
+
+def _with_server(event: ToolCallEvent | ToolResultEvent) -> str:
+    """`server` is always sent, null for a Python tool, so a client need not guess."""
+    data = event.model_dump(mode="json", exclude_none=True)
+    data["server"] = event.server
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
 class HistoryPage(Outbound):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -37,9 +38,9 @@ class PendingReply:
     tools: tuple[str, ...] | None
     cancel_requested: bool = False
     interrupted: bool = False  # stopped by a shutdown: stored as `interrupted`, not `cancelled`
-    # The part of the reply a cancel may stop (the model stream). Storing the outcome is never
-    # cancelled, so every reply ends with its final `message`.
-    interruptible: asyncio.Future[None] | None = None
+    # The part of the reply a cancel may stop (the model stream, a turn's tool calls). Storing
+    # the outcome is never cancelled, so every reply ends with its final `message`.
+    interruptible: asyncio.Future[Any] | None = None
     temperature: float | None = None  # this reply only; else the conversation's
     request_id: str | None = None  # of the send, for the logs
     connection_id: int | None = None

@@ -117,7 +117,10 @@ class Replies:
                     pending.tools,
                     plan.trace,
                     user=started.conversation.owner,
+                    pending=pending,
                 )
+                if pending.stopped:  # cancelled during the tools: no further turn
+                    return
                 if rounds >= self.settings.max_tool_rounds:
                     await self.tool_loop.limit_reached(conversation_id, plan.model)
                     plan.trace.failed("tool_error")

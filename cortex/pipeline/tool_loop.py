@@ -16,7 +16,7 @@ from ..fanout.hub import Hub
 from ..llm.events import ToolCall, parse_arguments
 from ..ops.telemetry import ReplyTrace
 from ..protocol import ErrorEvent, ToolCallEvent, ToolResultEvent
-from .live import Live
+from .live import Live, PendingReply
 from .views import message_event
 
 if TYPE_CHECKING:
@@ -24,6 +24,12 @@ if TYPE_CHECKING:
     from ..tools.registry import ToolRegistry, ToolResult
 
 TOOL_LIMIT_TEXT = "I stopped: the limit of {n} tool rounds for one reply was reached."
+
+
+def _cancelled(name: str) -> ToolResult:
+    from ..tools.registry import ToolResult
+
+    return ToolResult(ok=False, error=f"{name}: cancelled by the user")
 
 
 class ToolLoop:
@@ -66,8 +72,13 @@ class ToolLoop:
         allowed: tuple[str, ...] | None,
         trace: ReplyTrace,
         user: str | None = None,
+        pending: PendingReply | None = None,
     ) -> None:
-        """Run every call of one turn concurrently; store and announce each result."""
+        """Run every call of one turn concurrently; store and announce each result.
+
+        A user's `cancel` (through `pending`) cancels the calls in flight, which cancels an MCP
+        call at its server; each call still gets a stored result, as the next turn needs one.
+        """
         for call in calls:
             self.hub.publish(
                 conversation_id,
@@ -80,9 +91,19 @@ class ToolLoop:
                     server=self._server(call.name),
                 ).encode(),
             )
-        results = await asyncio.gather(
-            *(self._run_one(call, allowed, trace, user) for call in calls)
-        )
+        calls_done = asyncio.gather(*(self._run_one(call, allowed, trace, user) for call in calls))
+        if pending is not None:
+            pending.interruptible = calls_done
+        try:
+            results: list[ToolResult] = await calls_done
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if pending is None or not pending.stopped or (task is not None and task.cancelling()):
+                raise  # the worker itself is being stopped
+            results = [_cancelled(call.name) for call in calls]
+        finally:
+            if pending is not None:
+                pending.interruptible = None
         for call, outcome in zip(calls, results, strict=True):
             async with self.live.lock(conversation_id):
                 row = await self.store.add_message(

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.utilities.types import Image
 
 mcp = MCPServer("demo")
@@ -57,7 +58,7 @@ async def slow(seconds: float) -> str:
 @mcp.tool()
 def boom(reason: str) -> str:
     """Always raises."""
-    raise ValueError(f"boom: {reason}")
+    raise ToolError(f"boom: {reason}")
 
 
 @mcp.tool()
