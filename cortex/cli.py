@@ -117,6 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Revoke a token; open sessions using it are closed.",
     )
     revoke_cmd.add_argument("id", metavar="ID", type=int)
+
+    mcp_cmd = commands.add_parser(
+        "mcp",
+        help="try the MCP servers of CORTEX_MCP_CONFIG by hand",
+        description="Connect the servers of CORTEX_MCP_CONFIG as `cortex serve` would "
+        "(docs/tools.md): list their state and tools, or call one tool.",
+        epilog=_SETTINGS_NOTE,
+        formatter_class=_Formatter,
+    )
+    mcp_actions = mcp_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    mcp_actions.add_parser("list", help="each server: connected or not, why, its tools")
+    call_cmd = mcp_actions.add_parser(
+        "call", help="call TOOL on SERVER with JSON arguments and print the result"
+    )
+    call_cmd.add_argument("server", metavar="SERVER")
+    call_cmd.add_argument("tool", metavar="TOOL", help="the tool's own name on its server")
+    call_cmd.add_argument("arguments", metavar="JSON", nargs="?", default="{}")
+    for sub in (mcp_cmd, call_cmd):
+        sub.add_argument(
+            "--timeout", type=float, default=20.0, help="seconds to wait for a connection"
+        )
     return parser
 
 
@@ -141,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.host = args.host
     if getattr(args, "port", None) is not None:
         settings.port = args.port
-    if args.command in ("doctor", "chat"):
+    if args.command in ("doctor", "chat", "mcp"):
         # Their output is the report or the conversation; only warnings go to the log.
         quiet = max(logging.getLevelName(settings.log_level.upper()), logging.WARNING)
         configure_logging(settings.model_copy(update={"log_level": logging.getLevelName(quiet)}))
@@ -175,6 +196,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         from .auth.cli import run_token_command
 
         return run_token_command(settings, args)
+    if args.command == "mcp":
+        from .tools.mcp.command import run_mcp_command
+
+        return run_mcp_command(settings, args, out=sys.stdout)
     from .client.chat import run_chat
 
     url = args.url or f"ws://{settings.host}:{settings.port}/ws"

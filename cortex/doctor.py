@@ -62,6 +62,7 @@ async def run_checks(
         checks.append(await _redis(settings.redis_url.get_secret_value(), limit_s))
     checks.append(await _auth(settings, state))
     checks.extend(_keys(settings, state, env))
+    checks.extend(await _mcp(settings, limit_s, env))
     if not call_model:
         checks.append(Check("model", "skip", "not called (--no-model)"))
     elif not state.key_ok:
@@ -324,6 +325,29 @@ async def _model(settings: Settings, limit_s: float) -> Check:
     elapsed = (time.monotonic() - started) * 1000
     said = " ".join(answer.text.split())[:40]
     return Check("model", "ok", f"{model} answered in {elapsed:.0f} ms ({said!r})")
+
+
+async def _mcp(settings: Settings, limit_s: float, env: Mapping[str, str]) -> list[Check]:
+    """Each MCP server: connected or not, why, its tools; and the tools past 128 left out."""
+    if settings.mcp_config is None:
+        return []
+    from .tools.mcp.command import describe
+    from .tools.mcp.config import McpConfigError
+    from .tools.mcp.probe import probe
+
+    try:
+        found = await probe(settings, limit_s=limit_s, environ=env)
+    except McpConfigError as exc:
+        return [Check("mcp", "fail", str(exc))]
+    statuses: dict[str, Status] = {"up": "ok", "disabled": "skip"}
+    checks = [
+        Check(f"mcp {s['server']}", statuses.get(str(s["state"]), "fail"), describe(s))
+        for s in found.servers
+    ]
+    if found.left_out:
+        left = ", ".join(found.left_out)
+        checks.append(Check("mcp tools", "warn", f"past the 128 offered, left out: {left}"))
+    return checks
 
 
 def run_doctor(settings: Settings, *, call_model: bool, limit_s: float, out: TextIO) -> int:
