@@ -152,7 +152,13 @@ function renderTools(container, tools) {
       "summary",
       null,
       icon("tool"),
-      h("span", null, "Used ", h("code", { text: tool.name || "tool" })),
+      h(
+        "span",
+        null,
+        "Used ",
+        h("code", { text: tool.name || "tool" }),
+        ...(tool.server ? [" on ", h("span", { class: "tool-server", text: tool.server })] : []),
+      ),
       h("span", { class: `tool-state tool-${state}`, text: stateText }),
     );
     const body = h("div", { class: "tool-body" });

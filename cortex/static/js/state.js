@@ -169,9 +169,10 @@ export class Chat {
     this.callOwner.set(frame.call_id, owner.id);
     const live = owner.liveTools.get(frame.call_id) || { state: "running" };
     if (frame.type === "tool_call") {
-      Object.assign(live, { name: frame.name, arguments: frame.arguments });
+      Object.assign(live, { name: frame.name, arguments: frame.arguments, server: frame.server || null });
     } else {
       Object.assign(live, { state: frame.ok ? "ok" : "error", result: frame.result, error: frame.error });
+      if (frame.server) live.server = frame.server;
     }
     owner.liveTools.set(frame.call_id, live);
     this.markDirty(owner);
@@ -302,7 +303,7 @@ export class Chat {
     return first && !this.hasMore ? titleFrom(first.content) : null;
   }
 
-  /** The tool calls to show under `msg`: [{id, name, arguments, state, result, error}]. */
+  /** The tool calls to show under `msg`: [{id, name, arguments, state, result, error, server}]. */
   toolsOf(msg) {
     if (msg.kind === "tool") return [this.toolEntry(msg.tool_call_id, "tool", undefined, null)];
     if (msg.kind !== "assistant") return [];
@@ -324,6 +325,7 @@ export class Chat {
     const live = owner ? owner.liveTools.get(id) : undefined;
     const stored = this.toolMsgs.get(id);
     const entry = { id, name: name || (live && live.name) || "tool", arguments: args ?? live?.arguments };
+    if (live && live.server) entry.server = live.server; // the MCP server, from the live events
     if (stored) {
       entry.state = stored.status === "error" ? "error" : "ok";
       if (entry.state === "error") entry.error = stored.content;
