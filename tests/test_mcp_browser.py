@@ -35,7 +35,9 @@ def settings(tmp_path: Path, provider: FakeOpenAI, database_url: str) -> Setting
 
 
 async def test_tool_view_names_the_server_and_shows_errors(
-    server: Cortex, open_tab: OpenTab, provider: FakeOpenAI
+    server: Cortex,
+    open_tab: OpenTab,  # noqa: F811 - the fixture imported above
+    provider: FakeOpenAI,
 ) -> None:
     await eventually(lambda: server.mcp.servers["demo"].state == "up")
     provider.enqueue(
