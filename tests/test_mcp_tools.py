@@ -152,6 +152,7 @@ async def test_broken_servers_are_left_out_and_the_others_work(
         {
             "gone": _stdio("exits.py"),
             "mute": _stdio("silent.py"),
+            "junk": _stdio("garbage.py"),
             "demo": demo(Path("/dev/null")),
             "off": _stdio("demo.py", enabled=False),
         },
@@ -160,18 +161,22 @@ async def test_broken_servers_are_left_out_and_the_others_work(
         mcp_backoff_s=0.2,
     )
     servers = app.mcp.servers
-    await eventually(lambda: servers["gone"].attempts >= 2 and servers["mute"].attempts >= 2)
+    await eventually(
+        lambda: all(servers[n].attempts >= 2 for n in ("gone", "mute", "junk")), timeout=30
+    )
     status = {s["server"]: s for s in app.mcp.status()}
     assert status["demo"]["state"] == "up" and "demo__add" in status["demo"]["tools"]
     assert status["gone"]["state"] in ("down", "connecting") and status["gone"]["tools"] == []
     assert status["off"] == status["off"] | {"state": "disabled", "attempts": 0}
     assert "initialize" in (servers["mute"].reason or "")
+    assert status["junk"]["tools"] == [] and servers["junk"].reason
     events, _ = await _ask(
         app, connect_to, provider, ToolCallSpec("demo__add", '{"a": 1, "b": 1}', "ok1")
     )
     assert _events(events, "tool_result")[0]["ok"] is True
     offered = [t["function"]["name"] for t in provider.requests[0]["tools"]]
-    assert "demo__add" in offered and not [n for n in offered if n.startswith(("gone", "mute"))]
+    assert "demo__add" in offered
+    assert not [n for n in offered if n.startswith(("gone", "mute", "junk"))]
     # The retries are logged and counted.
     assert any("MCP server gone is down" in r.getMessage() for r in caplog.records)
     assert any("gone: reconnecting" in r.getMessage() for r in caplog.records)
@@ -291,3 +296,13 @@ async def test_shutdown_leaves_no_orphans(
         await eventually(lambda: all(s.state == "up" for s in app.mcp.servers.values()))
         assert len(_children_running(str(script))) == 3
     assert _children_running(str(script)) == []
+
+
+async def test_a_list_change_refreshes_the_tools(
+    mcp_app: Any, connect_to: Any, provider: FakeOpenAI
+) -> None:
+    app = await mcp_app({"demo": demo(Path("/dev/null"))}, up=("demo",))
+    assert "demo__extra" not in app.tools.names
+    events, _ = await _ask(app, connect_to, provider, ToolCallSpec("demo__grow", "{}", "g1"))
+    assert _events(events, "tool_result")[0]["ok"] is True
+    await eventually(lambda: "demo__extra" in app.tools.names)

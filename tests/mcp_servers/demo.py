@@ -83,7 +83,7 @@ def crash() -> str:
 async def grow(ctx: Context) -> str:
     """Add a tool named `extra` and say that the list changed."""
     mcp.add_tool(lambda: "extra!", name="extra", description="Added at run time.")
-    await ctx.session.send_tool_list_changed()
+    await ctx.notify_tools_changed()
     return "grown"
 
 
