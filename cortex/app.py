@@ -68,7 +68,7 @@ class Cortex:
             enabled=settings.tools,
             mcp_servers=[c.name for c in mcp_configs],
         )
-        self.metrics.known_tools(self.tools.names)
+        self.metrics.known_tools(self.tools.known)
         self.mcp = McpServers(
             mcp_configs,
             registry=self.tools,

@@ -219,6 +219,7 @@ async def test_the_server_timeout_wins_and_cancels_at_the_server(
     body = app.metrics.render()[0].decode()
     assert 'cortex_mcp_calls_total{outcome="timeout",server="demo"} 1.0' in body
     assert 'cortex_mcp_calls_total{outcome="ok",server="demo"} 1.0' in body
+    assert 'cortex_tool_calls_total{outcome="ok",tool="demo__slow"} 1.0' in body  # its own label
 
 
 async def test_a_user_cancel_cancels_the_call_at_the_server(

@@ -8,7 +8,7 @@ figures are recorded once, when the reply ends. Every metric is listed in docs/o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -142,7 +142,7 @@ class Metrics:
         )
         self._db_ops: dict[str, Histogram] = {}
         self._models: set[str] = set()
-        self._tools: set[str] = set()
+        self._tools: Container[str] = set()
 
     # ---- gauges read at scrape time -----------------------------------------------------
 
@@ -220,9 +220,10 @@ class Metrics:
         for code in error_codes:
             self.provider_errors.labels(label, code).inc()
 
-    def known_tools(self, names: Iterable[str]) -> None:
-        """The tools the server offers: the only names a tool label takes."""
-        self._tools = set(names)
+    def known_tools(self, names: Container[str]) -> None:
+        """The tools the server offers: the only names a tool label takes. A live view (the
+        registry's `known`) also labels the tools of MCP servers, which connect later."""
+        self._tools = names
 
     def tool_call(self, name: str, ok: bool, seconds: float) -> None:
         # The name comes from the model, which may make one up (under prompt injection, say):
