@@ -307,3 +307,28 @@ async def test_a_list_change_refreshes_the_tools(
     events, _ = await _ask(app, connect_to, provider, ToolCallSpec("demo__grow", "{}", "g1"))
     assert _events(events, "tool_result")[0]["ok"] is True
     await eventually(lambda: "demo__extra" in app.tools.names)
+
+
+async def test_cortex_tools_the_servers_tools_list_and_send_select_among_all(
+    mcp_app: Any, connect_to: Any, provider: FakeOpenAI
+) -> None:
+    app = await mcp_app(
+        {
+            "demo": demo(Path("/dev/null"), tools=["add", "echo", "slow"]),
+            "other": _stdio("demo.py"),
+        },
+        up=("demo", "other"),
+        tools=["calculator", "demo__add", "demo__echo", "other__echo"],
+    )
+    # `slow` is listed by the server's `tools` but not by CORTEX_TOOLS; `other__add` the reverse.
+    assert app.tools.names == ["calculator", "demo__add", "demo__echo", "other__echo"]
+    provider.enqueue(Reply(text="all"), Reply(text="some"))
+    client: Client = await connect_to(app)
+    await client.send(type="send", content="everything")
+    await client.until_reply()
+    await client.send(type="send", content="some", tools=["demo__echo", "calculator"])
+    await client.until_reply()
+    offered = [[t["function"]["name"] for t in r["tools"]] for r in provider.requests]
+    assert offered == [app.tools.names, ["demo__echo", "calculator"]]
+    error = await client.request(type="send", content="x", tools=["other__add"])
+    assert error["type"] == "error" and error["code"] == "bad_frame"

@@ -191,6 +191,9 @@ class ToolRegistry:
     def __init__(self) -> None:
         self._tools: dict[str, Tool] = {}
         self._remote: dict[str, dict[str, Tool]] = {}  # server -> its tools, while it is up
+        # Servers in the config file's order, whichever connects first, so the tools offered
+        # (and those left out past MAX_OFFERED) do not depend on who won a race.
+        self.server_order: list[str] = []
         self._seen_remote: set[str] = set()  # a down server's tools are still known names
         self._remote_enabled: frozenset[str] | None = None  # CORTEX_TOOLS' MCP names
         self.left_out: list[str] = []  # the last tools past MAX_OFFERED (for `cortex doctor`)
@@ -255,6 +258,8 @@ class ToolRegistry:
                 log.warning("MCP tool %s clashes with a Python tool; left out", found.name)
             elif self._remote_enabled is None or found.name in self._remote_enabled:
                 kept[found.name] = found
+        if server not in self.server_order:
+            self.server_order.append(server)
         if kept:
             self._remote[server] = kept
         else:
@@ -263,8 +268,8 @@ class ToolRegistry:
 
     def _all(self) -> dict[str, Tool]:
         merged = dict(self._tools)
-        for tools in self._remote.values():
-            merged.update(tools)
+        for server in self.server_order:
+            merged.update(self._remote.get(server, {}))
         return merged
 
     def specs(
@@ -407,6 +412,7 @@ def build_registry(
     registry = builtin_registry()
     for module_name in modules:
         registry.load_module(module_name)
+    registry.server_order = list(mcp_servers)
     if enabled is None:
         return registry
     # `server__tool` names of configured MCP servers are checked when their server connects.
@@ -416,6 +422,7 @@ def build_registry(
         narrowed = registry.subset([n for n in enabled if n not in remote])
     except UnknownTool as exc:
         raise UnknownTool(exc.names, registry.names, source="CORTEX_TOOLS") from None
+    narrowed.server_order = list(mcp_servers)
     if prefixes:
         narrowed._remote_enabled = frozenset(remote)
     return narrowed
