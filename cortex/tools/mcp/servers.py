@@ -86,7 +86,8 @@ class McpServer:
 
     # --- the connection ---------------------------------------------------------------------
 
-    def _client(self) -> Client:
+    async def _client(self, stack: contextlib.AsyncExitStack) -> Client:
+        """A connected `Client`, closed (with its process or HTTP client) by `stack`."""
         c = self.config
         target: StdioServerParameters | Any
         if c.command is not None:
@@ -98,17 +99,21 @@ class McpServer:
         else:
             assert c.url is not None
             # No read limit on the HTTP client: the call's own timeout decides, whatever its
-            # length (a fixed client limit is how calls end up cut at 60 s elsewhere).
-            http = create_mcp_http_client(
-                headers=dict(c.headers or {}), timeout=httpx2.Timeout(30.0, read=None)
+            # length (a fixed client limit is how calls end up cut at 60 s elsewhere). The SDK
+            # leaves a client it was given open, so the stack closes it.
+            http = await stack.enter_async_context(
+                create_mcp_http_client(
+                    headers=dict(c.headers or {}), timeout=httpx2.Timeout(30.0, read=None)
+                )
             )
             target = streamable_http_client(c.url, http_client=http)
-        return Client(
+        client = Client(
             target,
             message_handler=self._on_message,
             client_info=types.Implementation(name="cortex", version=__version__),
             cache=None,  # a tool list must be fresh when the server says it changed
         )
+        return await stack.enter_async_context(client)
 
     async def run(self) -> None:
         """Connect, serve, and on any failure retry with backoff, until cancelled."""
@@ -133,7 +138,7 @@ class McpServer:
     async def _connection(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
             async with asyncio.timeout(self.connect_timeout):
-                client = await stack.enter_async_context(self._client())
+                client = await self._client(stack)
                 await self._refresh(client)
             self._broken.clear()
             self.client = client
