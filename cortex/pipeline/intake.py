@@ -83,6 +83,7 @@ class Intake:
                 model=model,
                 system_prompt=frame.system_prompt,
                 temperature=frame.temperature,
+                parent_id=frame.parent_id,
                 reply_options=reply_options(
                     model,
                     tools,
@@ -94,7 +95,7 @@ class Intake:
             if stored is None:
                 raise NotFound("no such conversation")
             conv, message = stored.conversation, stored.message
-            if not stored.created and message.content != frame.content:
+            if not stored.created and (message.role != "user" or message.content != frame.content):
                 # An idempotency key names one message: reusing it for another is a mistake
                 # the client must hear about, not a silent drop of the new text.
                 raise BadFrame("client_msg_id already used for another message")

@@ -167,7 +167,9 @@ class ConversationManager:
         conv = await self.store.get_conversation_any(conversation_id)
         if conv is None:
             return
-        rows = await self.store.context(conversation_id, upto_user_seq=1)
+        if conv.active_leaf_id is None:
+            return
+        rows = await self.store.context(conversation_id, upto_id=conv.active_leaf_id)
         said = next((r.content for r in rows if r.role == "user"), "")
         answered = next((r.content for r in rows if r.role == "assistant" and r.content), "")
         # Only the title a conversation starts with is replaced: one a user set (before this

@@ -59,8 +59,9 @@ class ToolLoop:
         calls: Sequence[ToolCall],
         allowed: tuple[str, ...] | None,
         trace: ReplyTrace,
-    ) -> None:
-        """Run every call of one turn concurrently; store and announce each result."""
+    ) -> str:
+        """Run every call of one turn concurrently; store and announce each result, each under
+        the row before it. The id of the last row stored (the next turn follows it)."""
         for call in calls:
             self.hub.publish(
                 conversation_id,
@@ -73,10 +74,12 @@ class ToolLoop:
                 ).encode(),
             )
         results = await asyncio.gather(*(self._run_one(call, allowed, trace) for call in calls))
+        tail = message_id
         for call, outcome in zip(calls, results, strict=True):
             async with self.live.lock(conversation_id):
                 row = await self.store.add_message(
                     conversation_id=conversation_id,
+                    parent_id=tail,
                     role="tool",
                     content=outcome.content(),
                     tool_call_id=call.id,
@@ -95,6 +98,8 @@ class ToolLoop:
                     ).encode(),
                 )
                 self.hub.publish(conversation_id, message_event(row))
+                tail = row.id
+        return tail
 
     async def _run_one(
         self, call: ToolCall, allowed: tuple[str, ...] | None, trace: ReplyTrace
@@ -107,12 +112,13 @@ class ToolLoop:
         trace.tool_finished(call.name, outcome.ok, time.monotonic() - started)
         return outcome
 
-    async def limit_reached(self, conversation_id: str, model: str) -> None:
+    async def limit_reached(self, conversation_id: str, model: str, parent_id: str) -> None:
         """The reply used all its tool rounds: say so in a stored message and an error."""
         text = TOOL_LIMIT_TEXT.format(n=self.settings.max_tool_rounds)
         async with self.live.lock(conversation_id):
             row = await self.store.add_message(
                 conversation_id=conversation_id,
+                parent_id=parent_id,
                 role="assistant",
                 content=text,
                 status="error",
