@@ -160,21 +160,25 @@ def siblings(
     """The ids of the children of each parent (None: the roots), in seq order."""
     wanted = set(parent_ids)
     named = [parent for parent in wanted if parent is not None]
-    query = select(_messages.c.parent_id, _messages.c.id).where(
+    query = select(_messages.c.parent_id, _messages.c.id, _messages.c.seq).where(
         _messages.c.conversation_id == conversation_id
     )
-    found: dict[str | None, list[str]] = {parent: [] for parent in wanted}
     conditions: list[Any] = []
     if named:
         conditions.append(_messages.c.parent_id.in_(named))
     if None in wanted:
         conditions.append(_messages.c.parent_id.is_(None))
+    found: list[tuple[str | None, str, int]] = []
     for condition in conditions:
-        for parent, message_id in core(session).execute(
-            query.where(condition).order_by(_messages.c.seq)
-        ):
-            found[parent].append(message_id)
-    return found
+        # Sorted here, not by ORDER BY seq: that would tempt the planner into the seq index,
+        # a walk through the whole conversation instead of the parent index.
+        found.extend(
+            (row[0], row[1], row[2]) for row in core(session).execute(query.where(condition))
+        )
+    by_parent: dict[str | None, list[str]] = {parent: [] for parent in wanted}
+    for parent, message_id, _seq in sorted(found, key=lambda row: row[2]):
+        by_parent[parent].append(message_id)
+    return by_parent
 
 
 def busy(session: Session, conversation_id: str, answered_seq: int) -> bool:
