@@ -376,3 +376,34 @@ async def test_migration_backfills_queued_sends_and_tool_replies(database_url: s
         "rc2": "tc",
     }
     assert leaf == "rc2"
+
+
+async def test_conversation_list_changes_reach_every_tab_of_the_user(
+    connect_client: Any, provider: FakeOpenAI
+) -> None:
+    """A tab subscribed to nothing still hears of new, forked, renamed and deleted
+    conversations (its sidebar), from another tab of the same user."""
+    alice: Client = await connect_client()
+    tab: Client = await connect_client()
+    assert (await tab.request(type="ping"))["type"] == "pong"  # connected and listening
+    conversation_id = (await say(alice, "one"))["conversation_id"]
+    listed = (await tab.until_type("conversation"))[-1]
+    assert listed["conversation"]["id"] == conversation_id
+    path = await history(alice, conversation_id)
+    fork = await alice.request(
+        type="fork", conversation_id=conversation_id, message_id=path[0]["id"]
+    )
+    listed = (await tab.until_type("conversation"))[-1]
+    assert listed["conversation_id"] == fork["conversation_id"]
+    await alice.request(type="rename", conversation_id=conversation_id, title="Renamed")
+    listed = (await tab.until_type("conversation"))[-1]
+    assert listed["conversation"]["title"] == "Renamed"
+    await alice.request(type="delete", conversation_id=fork["conversation_id"])
+    listed = (await tab.until_type("conversation"))[-1]
+    assert listed == {
+        "type": "conversation",
+        "conversation_id": fork["conversation_id"],
+        "deleted": True,
+    }
+    # Never a message of a conversation it did not subscribe to.
+    assert not [e for e in tab.seen if e["type"] in ("message", "delta", "typing")]

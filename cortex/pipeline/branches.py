@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 from ..config import Settings
 from ..errors import BadFrame
-from ..fanout.hub import Hub, Subscriber
-from ..protocol import Ack, ConversationEvent, DeleteBranch, Edit, Fork, Regenerate, SwitchBranch
+from ..fanout.hub import Hub, Subscriber, user_topic
+from ..protocol import Ack, DeleteBranch, Edit, Fork, Regenerate, SwitchBranch
 from .intake import reply_options
 from .live import Live
-from .views import conversation_view, message_event, path_event
+from .views import listed_event, message_event, path_event
 from .workers import Workers
 
 if TYPE_CHECKING:
@@ -130,12 +130,8 @@ class Branches:
         await self.hub.watch(conv.id)
         self.hub.subscribe(conv.id, client)
         self._ack(client, conv.id, conv.active_leaf_id, None, frame.request_id)
-        self.hub.publish(
-            conv.id,
-            ConversationEvent(
-                conversation_id=conv.id, conversation=conversation_view(conv)
-            ).encode(),
-        )
+        # To the user's every connection (the sender included): a new conversation listed.
+        self.hub.publish(user_topic(owner), listed_event(conv))
 
     @staticmethod
     def _ack(

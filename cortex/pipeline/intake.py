@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
 from ..errors import BadFrame, NotFound
-from ..fanout.hub import Hub, Subscriber
+from ..fanout.hub import Hub, Subscriber, user_topic
 from ..ops.telemetry import Telemetry
 from ..protocol import Ack, Send
 from .live import Live
-from .views import message_event
+from .views import listed_event, message_event
 from .workers import Workers
 
 if TYPE_CHECKING:
@@ -113,6 +113,8 @@ class Intake:
             self.hub.publish(conv.id, message_event(message))
         if frame.conversation_id is None:
             await self.hub.watch(conv.id)
+            # Other tabs' sidebars (the sender has its ack).
+            self.hub.publish_except(user_topic(owner), listed_event(conv), client)
         self.telemetry.message_stored(
             user=owner,
             conversation_id=conv.id,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..config import Settings
 from ..errors import NotFound
-from ..fanout.hub import Hub, Subscriber
+from ..fanout.hub import USER_TOPIC, Hub, Subscriber
 from ..protocol import (
     Ack,
     ConversationsPage,
@@ -121,6 +121,8 @@ class Reads:
         """Events of the conversation may have been lost since `since` (Redis was away): hand
         this process's subscribers every message that changed meanwhile, and the typing state.
         A reply still streaming goes on at offsets past what they have: they resubscribe."""
+        if conversation_id.startswith(USER_TOPIC):
+            return  # a user's topic, not a conversation: it has no stored messages
         deliver = self.hub.deliver_local
         for row in await self.store.messages_changed_since(conversation_id, since):
             deliver(conversation_id, message_event(row))

@@ -144,3 +144,10 @@ def openai_messages(rows: Sequence[ModelMessageRow]) -> list[dict[str, Any]]:
         elif row.content:
             out.append({"role": row.role, "content": row.content})
     return out
+
+
+def listed_event(row: ConversationRow) -> str:
+    """A conversation in the user's list is new or changed: for every tab's sidebar."""
+    return ConversationEvent.model_construct(
+        conversation_id=row.id, conversation=conversation_view(row)
+    ).encode()
