@@ -407,3 +407,31 @@ async def test_conversation_list_changes_reach_every_tab_of_the_user(
     }
     # Never a message of a conversation it did not subscribe to.
     assert not [e for e in tab.seen if e["type"] in ("message", "delta", "typing")]
+
+
+async def test_export_has_every_branch(
+    client: Client, provider: FakeOpenAI, server: Cortex
+) -> None:
+    """JSON: every message with its parent; Markdown: the active path, then the others."""
+    echo(provider)
+    conversation_id = (await say(client, "one"))["conversation_id"]
+    path = await history(client, conversation_id)
+    await client.request(
+        type="edit", conversation_id=conversation_id, message_id=path[0]["id"], content="uno"
+    )
+    await client.until_reply()
+    base = f"http://127.0.0.1:{server.port}/api/conversations/{conversation_id}/export"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base + "?format=json") as response:
+            exported = await response.json(content_type=None)
+        async with session.get(base + "?format=md") as response:
+            markdown = await response.text()
+    messages = {m["content"]: m for m in exported["messages"]}
+    assert set(messages) == {"one", "re one (2)", "uno", "re uno (2)"}
+    assert messages["re one (2)"]["parent_id"] == messages["one"]["id"]
+    assert messages["re uno (2)"]["parent_id"] == messages["uno"]["id"]
+    assert exported["conversation"]["active_leaf_id"] == messages["re uno (2)"]["id"]
+    active, _, others = markdown.partition("# Other branches")
+    assert "uno" in active and "re uno (2)" in active and "re one" not in active
+    assert "\none\n" in others and "re one (2)" in others
+    assert f"after `{messages['one']['id']}`" in others
