@@ -118,6 +118,7 @@ async def test_regenerate_switch_and_delete_branch(client: Client, provider: Fak
     assert ack["type"] == "ack" and ack["message_id"] != first[1]["id"]
     events = await client.until_reply()
     assert final_message(events)["id"] == ack["message_id"]  # the reply fills the acked row
+    assert final_message(events)["model"] == first[1]["model"]  # the conversation's model
     path = await history(client, conversation_id)
     assert [m["id"] for m in path] == [first[0]["id"], ack["message_id"]]
     assert path[1]["sibling_ids"] == [first[1]["id"], ack["message_id"]]

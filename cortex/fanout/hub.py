@@ -186,7 +186,10 @@ class Hub:
     def subscriber_count(self, conversation_id: str | None = None) -> int:
         if conversation_id is not None:
             return len(self._subs.get(conversation_id, {}))
-        return sum(len(subs) for subs in self._subs.values())
+        # Conversations only: every connection also listens on its user's topic.
+        return sum(
+            len(subs) for topic, subs in self._subs.items() if not topic.startswith(USER_TOPIC)
+        )
 
     def publish(self, conversation_id: str, frame: str) -> None:
         """Hand one encoded event to every subscriber of the conversation, in order."""

@@ -405,7 +405,10 @@ class Store:
                     update_row(session, work.id, {"status": "cancelled"})
                     raise StoreError("a regeneration lost its user message")
                 context = path_context(session, conversation_id, message.id)
-                update_row(session, work.id, {"status": "streaming"})
+                # Its model: the frame's, else the one the message asked for, else the usual.
+                asked = (message.reply_options or {}).get("model")
+                work.model = work.model or asked or conv.model or default_model
+                update_row(session, work.id, {"status": "streaming", "model": work.model})
                 work.status = "streaming"
                 return StartedReply(conv, message, context, work)
             return _start_turn(session, conv, work, default_model)
