@@ -436,3 +436,53 @@ async def test_export_has_every_branch(
     assert "uno" in active and "re uno (2)" in active and "re one" not in active
     assert "\none\n" in others and "re one (2)" in others
     assert f"after `{messages['one']['id']}`" in others
+
+
+async def test_send_with_parent_id_opens_a_branch(client: Client, provider: FakeOpenAI) -> None:
+    echo(provider)
+    conversation_id = (await say(client, "one"))["conversation_id"]
+    await say(client, "two", conversation_id=conversation_id)
+    old = await history(client, conversation_id)
+    await say(client, "three", conversation_id=conversation_id, parent_id=old[1]["id"])
+    path = await history(client, conversation_id)
+    assert contents(path) == ["one", "re one (2)", "three", "re three (4)"]
+    assert path[2]["sibling_ids"] == [old[2]["id"], path[2]["id"]]
+    assert provider.requests[-1]["messages"][-1]["content"] == "three"
+    assert "two" not in [m["content"] for m in provider.requests[-1]["messages"]]
+
+
+async def test_regenerate_during_a_reply_cancels_it(
+    connect_client: Any, provider: FakeOpenAI
+) -> None:
+    alice: Client = await connect_client()
+    tab: Client = await connect_client()
+    conversation_id = (await say(alice, "one"))["conversation_id"]
+    await tab.request(type="subscribe", conversation_id=conversation_id)
+    provider.enqueue(Reply(text="slow " * 50, chunk_delay=0.05))
+    await alice.send(type="send", conversation_id=conversation_id, content="two")
+    await tab.until(lambda e: e["type"] == "delta")
+    streaming = next(
+        e["message"]
+        for e in tab.seen
+        if e["type"] == "message" and e["message"]["status"] == "streaming"
+    )
+    provider.enqueue(Reply(text="a fresh take"))
+    ack = await tab.request(
+        type="regenerate", conversation_id=conversation_id, message_id=streaming["id"]
+    )
+    assert ack["type"] == "ack"
+    for someone in (alice, tab):
+        events = await someone.until(
+            lambda e: e["type"] == "message" and e["message"]["content"] == "a fresh take"
+        )
+        ended = [
+            e["message"]["status"]
+            for e in events
+            if e["type"] == "message" and e["message"]["id"] == streaming["id"]
+        ]
+        assert ended[-1] == "cancelled"
+        assert ended.count("cancelled") == 1
+    path = await history(alice, conversation_id)
+    assert contents(path)[2:] == ["two", "a fresh take"]
+    assert path[3]["id"] == ack["message_id"]
+    assert path[3]["sibling_ids"] == [streaming["id"], ack["message_id"]]
