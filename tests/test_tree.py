@@ -272,6 +272,9 @@ async def test_bad_tree_frames_are_typed_and_change_nothing(
         for who, frame, code in cases:
             answer = await who.request(conversation_id=target, **frame)
             assert answer["type"] == "error" and answer["code"] == code, (frame, answer)
+        # A parent_id needs its conversation: no new conversation is made from it.
+        answer = await alice.request(type="send", content="x", parent_id=user)
+        assert answer["code"] == "bad_frame", answer
         assert await history(alice, target) == path
         assert await app.store.count_messages(target) == 2
         listing = await alice.request(type="conversations")

@@ -45,6 +45,8 @@ class Intake:
 
     async def send(self, owner: str, frame: Send, client: Subscriber) -> None:
         """Store a user message, ack it, announce it, and queue its reply."""
+        if frame.parent_id is not None and frame.conversation_id is None:
+            raise BadFrame("parent_id names a message of conversation_id, which is missing")
         model = frame.model
         if model is not None and not self.settings.is_model_allowed(model):
             raise BadFrame(f"model {model!r} is not enabled on this server")
