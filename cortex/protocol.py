@@ -60,6 +60,9 @@ class Send(Inbound):
 
     type: Literal["send"]
     conversation_id: Id | None = None
+    # The message to follow (a new branch if it has children already); default: the active
+    # leaf when the message's turn comes.
+    parent_id: Id | None = None
     content: str
     client_msg_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
     model: ModelName | None = None
@@ -87,6 +90,7 @@ class History(Inbound):
     conversation_id: Id
     before_seq: Seq | None = None
     limit: Limit = 50
+    leaf_id: Id | None = None  # another branch: the path from the root to this message
 
 
 class Conversations(Inbound):
@@ -135,6 +139,53 @@ class Configure(Inbound):
         """The settings this frame names, with their new values (None: the server default)."""
         named = self.model_fields_set & {"model", "system_prompt", "temperature"}
         return {name: getattr(self, name) for name in sorted(named)}
+
+
+# ---- the conversation tree (docs/protocol.md, "Branches") ----
+
+
+class Edit(Inbound):
+    """A new version of a user message: stored beside it (same parent), the new active leaf."""
+
+    type: Literal["edit"]
+    conversation_id: Id
+    message_id: Id
+    content: str
+    client_msg_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+
+
+class Regenerate(Inbound):
+    """Another reply to the user message an assistant message answered, beside it."""
+
+    type: Literal["regenerate"]
+    conversation_id: Id
+    message_id: Id
+    model: ModelName | None = None
+    client_msg_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+
+
+class SwitchBranch(Inbound):
+    """Make the active path run through a message, down its branch as last active."""
+
+    type: Literal["switch_branch"]
+    conversation_id: Id
+    message_id: Id
+
+
+class DeleteBranch(Inbound):
+    """Delete a message and everything beneath it."""
+
+    type: Literal["delete_branch"]
+    conversation_id: Id
+    message_id: Id
+
+
+class Fork(Inbound):
+    """A new conversation holding a copy of the path from the root to a message."""
+
+    type: Literal["fork"]
+    conversation_id: Id
+    message_id: Id
 
 
 # Every inbound class above is registered by now: the parser is built from the registry.
@@ -188,7 +239,7 @@ def _validate(data: dict[str, Any], max_message_chars: int) -> Inbound:
         raise BadFrame("frame needs a string field 'type'")
     if kind not in INBOUND_TYPES:
         raise UnknownType(f"unknown frame type {kind[:40]!r}")
-    if kind == "send" and isinstance(data.get("content"), str):
+    if kind in ("send", "edit") and isinstance(data.get("content"), str):
         if len(data["content"]) > max_message_chars:
             raise TooLarge(f"message is longer than {max_message_chars} characters")
         if not data["content"].strip():
@@ -257,8 +308,11 @@ class MessageView(BaseModel):
     seq: int
     role: Literal["user", "assistant", "tool", "system"]
     content: str
-    status: Literal["complete", "streaming", "error", "cancelled", "interrupted"]
+    status: Literal["complete", "streaming", "error", "cancelled", "interrupted", "queued"]
     created_at: str
+    parent_id: str | None = None
+    # All messages with the same parent, in seq order, itself included (history, catch-up).
+    sibling_ids: list[str] | None = None
     model: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
@@ -276,6 +330,7 @@ class ConversationView(BaseModel):
     created_at: str
     updated_at: str
     last_seq: int
+    active_leaf_id: str | None = None
 
 
 class Ack(Outbound):
@@ -366,6 +421,9 @@ class ConversationEvent(Outbound):
     conversation_id: str
     conversation: ConversationView | None = None
     deleted: bool | None = None
+    # The active path changed (edit, regenerate, switch_branch, delete_branch): it now ends
+    # here (null: the conversation is empty). A client re-reads `history`.
+    active_leaf_id: str | None = None
 
 
 class ErrorEvent(Outbound):

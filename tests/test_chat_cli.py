@@ -174,3 +174,41 @@ async def test_a_refused_token_is_said_clearly(start_server: Any, provider: Fake
     child.close()
     assert child.exitstatus == 1
     assert "refused the connection: HTTP 401 (set --token or CORTEX_TOKEN)" in str(child.before)
+
+
+async def test_edit_retry_branches_switch_delete_and_fork(
+    terminal: Callable[..., Any], server: Cortex, provider: FakeOpenAI
+) -> None:
+    """The tree commands of issue #20: /edit, /retry, /branches, /switch N, /delete N, /fork."""
+    provider.enqueue(
+        Reply(text="first answer"),
+        Reply(text="answer to the edit"),
+        Reply(text="a retried answer"),
+    )
+    term: Terminal = await terminal()
+    assert "assistant> first answer" in await term.line("a question")
+    conversation_id = (await server.store.conversations(owner="local"))[0][0].id
+    shown = await term.line("/edit a better question")
+    assert "assistant> answer to the edit" in shown
+    shown = await term.line("/retry")
+    assert "assistant> a retried answer" in shown
+    shown = await term.line("/branches")
+    assert "at user 'a better question' (2/2):" in shown and "1. branch 1/2" in shown
+    assert "at assistant 'a retried answer' (2/2):" in shown and "2. branch 1/2" in shown
+    shown = await term.line("/switch 1")  # back to the first question and its answer
+    assert "you: a question" in shown and "assistant> first answer" in shown
+    path = await server.store.path_page(conversation_id)
+    assert path is not None and [r.content for r in path.rows] == ["a question", "first answer"]
+    await term.line("/branches")
+    shown = await term.line("/delete 1")  # the edited branch goes, with both its answers
+    assert "you: a question" in shown
+    assert await server.store.count_messages(conversation_id) == 2
+    shown = await term.line("/branches")
+    assert "no other branches" in shown
+    shown = await term.line("/fork")
+    assert "forked into" in shown and "first answer" in shown
+    conversations, _ = await server.store.conversations(owner="local")
+    assert len(conversations) == 2
+    shown = await term.line("/switch 9")
+    assert "usage: /switch N" in shown
+    assert await term.close() == 0

@@ -275,6 +275,8 @@ class ChatClient:
             self.screen.note("(this conversation was deleted; your next message starts a new one)")
             self.leave_conversation()
             return
+        if event.get("active_leaf_id"):
+            self.screen.note("(the conversation moved to another branch: /history shows it)")
         view = event.get("conversation") or {}
         before = self.info or {}
         if before and view.get("title") != before.get("title"):

@@ -39,6 +39,12 @@ HELP = """commands:
   /model [NAME]    show or set the model (of this conversation, or of the next new one)
   /rename TITLE    rename this conversation
   /delete          delete this conversation and its messages
+  /edit TEXT       replace your last message with TEXT (a new branch) and get a new reply
+  /retry           another reply to your last message (a new branch)
+  /branches        the other branches along this conversation, numbered
+  /switch N        go to branch N of /branches
+  /delete N        delete branch N of /branches (and everything beneath it)
+  /fork            a new conversation with a copy of this one's path
   /help            this list
   /quit            leave (or Ctrl+D; Ctrl+C twice)
 A line starting with // sends the rest of it, starting with /."""
@@ -59,7 +65,13 @@ class Commands:
             "model": self.model,
             "rename": self.rename,
             "delete": self.delete,
+            "edit": self.edit,
+            "retry": self.retry,
+            "branches": self.branches,
+            "switch": self.switch,
+            "fork": self.fork,
         }
+        self.alternatives: list[str] = []  # the branches /branches numbered
 
     async def run(self, line: str) -> None:
         """Run a command line, or send the line as a message."""
@@ -189,10 +201,122 @@ class Commands:
             {"type": "rename", "conversation_id": client.conversation_id, "title": argument}
         )
 
-    async def delete(self, _argument: str) -> None:
+    async def delete(self, argument: str) -> None:
         client = self.client
         if client.conversation_id is None:
             client.screen.note("(no conversation open)")
             return
+        if argument:
+            await self._branch_frame("delete_branch", argument)
+            return
         if await client.request({"type": "delete", "conversation_id": client.conversation_id}):
             client.leave_conversation()  # the `conversation` {deleted} event said so already
+
+    # ---- branches (docs/protocol.md, "Branches") ---------------------------------------------
+
+    async def _path(self) -> list[dict[str, Any]]:
+        """The active path's newest messages (history reads the active path)."""
+        client = self.client
+        if client.conversation_id is None:
+            client.screen.note("(no conversation open)")
+            return []
+        page = await client.request(
+            {"type": "history", "conversation_id": client.conversation_id, "limit": 200}
+        )
+        return list(page.get("messages", [])) if page is not None else []
+
+    async def edit(self, argument: str) -> None:
+        client = self.client
+        if not argument:
+            client.screen.note("usage: /edit TEXT (replaces your last message)")
+            return
+        mine = [m for m in await self._path() if m["role"] == "user"]
+        if not mine:
+            client.screen.note("(no message of yours to edit)")
+            return
+        client.transcript.replying = True
+        frame = {
+            "type": "edit",
+            "conversation_id": client.conversation_id,
+            "message_id": mine[-1]["id"],
+            "content": argument,
+        }
+        if await client.request(frame) is None:
+            client.transcript.replying = False
+
+    async def retry(self, _argument: str) -> None:
+        client = self.client
+        replies = [m for m in await self._path() if m["role"] == "assistant"]
+        if not replies:
+            client.screen.note("(no reply to retry)")
+            return
+        client.transcript.replying = True
+        frame = {
+            "type": "regenerate",
+            "conversation_id": client.conversation_id,
+            "message_id": replies[-1]["id"],
+        }
+        if await client.request(frame) is None:
+            client.transcript.replying = False
+
+    async def branches(self, _argument: str) -> None:
+        client = self.client
+        self.alternatives = []
+        for message in await self._path():
+            siblings = message.get("sibling_ids") or [message["id"]]
+            if len(siblings) < 2:
+                continue
+            place = siblings.index(message["id"]) + 1
+            client.screen.line(
+                f"  at {message['role']} {_quote(message['content'])} ({place}/{len(siblings)}):"
+            )
+            for other in siblings:
+                if other == message["id"]:
+                    continue
+                self.alternatives.append(other)
+                client.screen.line(
+                    f"  {len(self.alternatives):>3}. branch {place_of(siblings, other)}"
+                )
+        if not self.alternatives:
+            client.screen.note("(no other branches along this conversation)")
+
+    async def switch(self, argument: str) -> None:
+        await self._branch_frame("switch_branch", argument)
+
+    async def _branch_frame(self, kind: str, argument: str) -> None:
+        client = self.client
+        if not argument.isdigit() or not 1 <= int(argument) <= len(self.alternatives):
+            client.screen.note("usage: /switch N or /delete N, N from /branches")
+            return
+        target = self.alternatives[int(argument) - 1]
+        answer = await client.request(
+            {"type": kind, "conversation_id": client.conversation_id, "message_id": target}
+        )
+        if answer is not None:
+            self.alternatives = []
+            await self.history("")
+
+    async def fork(self, _argument: str) -> None:
+        client = self.client
+        path = await self._path()
+        if not path:
+            return
+        answer = await client.request(
+            {
+                "type": "fork",
+                "conversation_id": client.conversation_id,
+                "message_id": path[-1]["id"],
+            }
+        )
+        if answer is not None:
+            client.screen.note(f"(forked into {answer['conversation_id']})")
+            await self.open(str(answer["conversation_id"]))
+
+
+def place_of(siblings: list[str], message_id: str) -> str:
+    return f"{siblings.index(message_id) + 1}/{len(siblings)}"
+
+
+def _quote(text: str, limit: int = 40) -> str:
+    line = " ".join(text.split())
+    return repr(line if len(line) <= limit else line[: limit - 1] + "…")

@@ -134,7 +134,7 @@ class Transcript:
         seq, role, status = int(message["seq"]), message["role"], message["status"]
         self.seen(seq)
         if role == "assistant":
-            if status == "streaming":
+            if status in ("streaming", "queued"):  # queued: a regenerate's row, not yet begun
                 self._printed.setdefault(message["id"], 0)
             else:
                 self._finish(message)
@@ -190,7 +190,7 @@ class Transcript:
             self.seen(seq)
             self._shown.add(seq)
             content = message.get("content") or ""
-            if role == "assistant" and message["status"] == "streaming":
+            if role == "assistant" and message["status"] in ("streaming", "queued"):
                 # Still being written: show it so far; its deltas carry on from here.
                 self._printed[message["id"]] = 0
                 self._show(message["id"], content)

@@ -42,14 +42,34 @@ def export_markdown(conv: ConversationRow, rows: Sequence[MessageRow]) -> bytes:
         lines.append("- System prompt:")
         lines.extend(f"  > {line}" if line else "  >" for line in view.system_prompt.splitlines())
     lines.append("")
+    on_path = active_path(conv, rows)
     for row in rows:
-        lines.extend(_message_markdown(message_view(row)))
+        if row.id in on_path:
+            lines.extend(_message_markdown(message_view(row)))
+    others = [row for row in rows if row.id not in on_path]
+    if others:
+        # The branches not on the active path (older edits and replies), each message naming
+        # the one it follows.
+        lines.extend(["---", "", "# Other branches", ""])
+        for row in others:
+            lines.extend(_message_markdown(message_view(row), follows=row.parent_id))
     return ("\n".join(lines).rstrip() + "\n").encode()
 
 
-def _message_markdown(message: MessageView) -> list[str]:
+def active_path(conv: ConversationRow, rows: Sequence[MessageRow]) -> set[str]:
+    """The ids from the active leaf up to the root, among `rows` (the whole conversation)."""
+    parents = {row.id: row.parent_id for row in rows}
+    path: set[str] = set()
+    node = conv.active_leaf_id
+    while node is not None and node in parents and node not in path:
+        path.add(node)
+        node = parents[node]
+    return path
+
+
+def _message_markdown(message: MessageView, follows: str | None = None) -> list[str]:
     heading = f"## {_ROLE_NAMES.get(message.role, message.role.title())}"
-    notes = []
+    notes = [f"`{message.id}`, after `{follows}`"] if follows is not None else []
     if message.model and message.role == "assistant":
         notes.append(message.model)
     if message.status != "complete":

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
 from ..errors import BadFrame, NotFound
-from ..fanout.hub import Hub, Subscriber
+from ..fanout.hub import Hub, Subscriber, user_topic
 from ..ops.telemetry import Telemetry
 from ..protocol import Ack, Send
 from .live import Live
-from .views import message_event
+from .views import listed_event, message_event
 from .workers import Workers
 
 if TYPE_CHECKING:
@@ -46,6 +46,8 @@ class Intake:
 
     async def send(self, owner: str, frame: Send, client: Subscriber) -> None:
         """Store a user message, ack it, announce it, and queue its reply."""
+        if frame.parent_id is not None and frame.conversation_id is None:
+            raise BadFrame("parent_id names a message of conversation_id, which is missing")
         model = frame.model
         if model is not None and not self.settings.is_model_allowed(model):
             raise BadFrame(f"model {model!r} is not enabled on this server")
@@ -84,6 +86,7 @@ class Intake:
                 model=model,
                 system_prompt=frame.system_prompt,
                 temperature=frame.temperature,
+                parent_id=frame.parent_id,
                 reply_options=reply_options(
                     model,
                     tools,
@@ -95,7 +98,7 @@ class Intake:
             if stored is None:
                 raise NotFound("no such conversation")
             conv, message = stored.conversation, stored.message
-            if not stored.created and message.content != frame.content:
+            if not stored.created and (message.role != "user" or message.content != frame.content):
                 # An idempotency key names one message: reusing it for another is a mistake
                 # the client must hear about, not a silent drop of the new text.
                 raise BadFrame("client_msg_id already used for another message")
@@ -113,6 +116,8 @@ class Intake:
             self.hub.publish(conv.id, message_event(message))
         if frame.conversation_id is None:
             await self.hub.watch(conv.id)
+            # Other tabs' sidebars (the sender has its ack).
+            self.hub.publish_except(user_topic(owner), listed_event(conv), client)
         self.telemetry.message_stored(
             user=owner,
             conversation_id=conv.id,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..config import Settings
 from ..errors import NotFound
-from ..fanout.hub import Hub, Subscriber
+from ..fanout.hub import USER_TOPIC, Hub, Subscriber
 from ..protocol import (
     Ack,
     ConversationsPage,
@@ -84,18 +84,23 @@ class Reads:
         try:
             await self.hub.watch(conversation_id)
             if after_seq is not None:
-                cursor = after_seq
-                while True:
-                    rows, more = await self.store.messages(
-                        conversation_id, after_seq=cursor, limit=CATCH_UP_PAGE
+                # The active path (and user messages waiting for their turn), not the other
+                # branches: a client draws what the model sees.
+                owed = await self.store.catch_up(conversation_id, after_seq=after_seq)
+                for start in range(0, len(owed), CATCH_UP_PAGE):
+                    rows, siblings = await self.store.messages_by_ids(
+                        conversation_id, owed[start : start + CATCH_UP_PAGE]
                     )
                     for row in rows:
                         streaming = row.status == "streaming"
                         await client.room()  # long messages go out as the client reads them
-                        client.deliver(message_event(row, content="" if streaming else None))
-                    if not more or not rows:
-                        break
-                    cursor = rows[-1].seq
+                        client.deliver(
+                            message_event(
+                                row,
+                                content="" if streaming else None,
+                                sibling_ids=siblings.get(row.parent_id),
+                            )
+                        )
             if await self.replying(conversation_id):
                 client.deliver(Typing(conversation_id=conversation_id, active=True).encode())
             self.hub.flush(conversation_id)  # joined deltas not yet out land in the buffer
@@ -116,6 +121,8 @@ class Reads:
         """Events of the conversation may have been lost since `since` (Redis was away): hand
         this process's subscribers every message that changed meanwhile, and the typing state.
         A reply still streaming goes on at offsets past what they have: they resubscribe."""
+        if conversation_id.startswith(USER_TOPIC):
+            return  # a user's topic, not a conversation: it has no stored messages
         deliver = self.hub.deliver_local
         for row in await self.store.messages_changed_since(conversation_id, since):
             deliver(conversation_id, message_event(row))
@@ -142,19 +149,33 @@ class Reads:
             text = row.content  # the last checkpoint (Redis lost it, or never had it)
         return row.id, text
 
-    def view(self, row: Message) -> MessageView:
+    def view(self, row: Message, sibling_ids: list[str] | None = None) -> MessageView:
         """A stored message as clients see it, with the live text if it is streaming here."""
-        return message_view(row, content=self.live.text_of(row.conversation_id, row.id))
+        return message_view(
+            row, content=self.live.text_of(row.conversation_id, row.id), sibling_ids=sibling_ids
+        )
 
     async def history(
-        self, owner: str, conversation_id: str, *, before_seq: int | None, limit: int
+        self,
+        owner: str,
+        conversation_id: str,
+        *,
+        before_seq: int | None,
+        limit: int,
+        leaf_id: str | None = None,
     ) -> tuple[list[MessageView], bool]:
-        """A page of messages, newest before `before_seq`, in seq order; and whether more."""
+        """A page of the active path (or of the path to `leaf_id`), root first: the newest
+        messages before `before_seq` on it; and whether older ones precede them."""
         await self.conversation(owner, conversation_id)
-        rows, more = await self.store.messages(
-            conversation_id, before_seq=before_seq, limit=min(limit, self.settings.history_page_max)
+        page = await self.store.path_page(
+            conversation_id,
+            leaf_id=leaf_id,
+            before_seq=before_seq,
+            limit=min(limit, self.settings.history_page_max),
         )
-        return [self.view(r) for r in rows], more
+        if page is None:
+            raise NotFound("no such message in this conversation")
+        return [self.view(r, page.siblings.get(r.parent_id)) for r in page.rows], page.more
 
     async def history_frame(
         self,
@@ -164,8 +185,11 @@ class Reads:
         before_seq: int | None,
         limit: int,
         request_id: str | None = None,
+        leaf_id: str | None = None,
     ) -> str:
-        views, more = await self.history(owner, conversation_id, before_seq=before_seq, limit=limit)
+        views, more = await self.history(
+            owner, conversation_id, before_seq=before_seq, limit=limit, leaf_id=leaf_id
+        )
         return HistoryPage.model_construct(
             conversation_id=conversation_id, messages=views, has_more=more, request_id=request_id
         ).encode()

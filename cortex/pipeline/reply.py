@@ -110,7 +110,7 @@ class Replies:
                 if not result.calls or pending.stopped:
                     return
                 rounds += 1
-                await self.tool_loop.run(
+                tail = await self.tool_loop.run(
                     conversation_id,
                     result.message_id,
                     result.calls,
@@ -122,12 +122,12 @@ class Replies:
                 if pending.stopped:  # cancelled during the tools: no further turn
                     return
                 if rounds >= self.settings.max_tool_rounds:
-                    await self.tool_loop.limit_reached(conversation_id, plan.model)
+                    await self.tool_loop.limit_reached(conversation_id, plan.model, tail)
                     plan.trace.failed("tool_error")
                     return
                 async with self.live.lock(conversation_id):
                     context, row = await self.store.open_turn(
-                        conversation_id, upto_user_seq=pending.seq, model=plan.model
+                        conversation_id, parent_id=tail, model=plan.model
                     )
                     self.hub.publish(conversation_id, message_event(row))
         finally:

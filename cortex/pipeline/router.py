@@ -21,6 +21,7 @@ from ..fanout.hub import Hub, Subscriber
 from ..llm.events import LlmBackend
 from ..ops.telemetry import Telemetry
 from ..protocol import Send
+from .branches import Branches
 from .intake import Intake
 from .live import Live
 from .reads import Reader, Reads
@@ -79,6 +80,9 @@ class Router:
             telemetry=telemetry,
         )
         self.reads = Reads(settings=settings, store=store, hub=hub, live=live, leases=leases)
+        self.branches = Branches(
+            settings=settings, store=store, hub=hub, live=live, workers=self.workers
+        )
 
     async def send(self, owner: str, frame: Send, client: Subscriber) -> None:
         await self.intake.send(owner, frame, client)

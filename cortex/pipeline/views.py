@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from ..protocol import ConversationView, MessageEvent, MessageView, Usage
+from ..protocol import ConversationEvent, ConversationView, MessageEvent, MessageView, Usage
 
 
 class MessageRow(Protocol):
@@ -25,6 +25,7 @@ class MessageRow(Protocol):
     finish_reason: str | None
     error_code: str | None
     created_at: datetime
+    parent_id: str | None
 
 
 class ModelMessageRow(Protocol):
@@ -49,6 +50,7 @@ class ConversationRow(Protocol):
     created_at: datetime
     updated_at: datetime
     last_seq: int
+    active_leaf_id: str | None
 
 
 def iso(moment: datetime) -> str:
@@ -59,7 +61,9 @@ def iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def message_view(row: MessageRow, *, content: str | None = None) -> MessageView:
+def message_view(
+    row: MessageRow, *, content: str | None = None, sibling_ids: list[str] | None = None
+) -> MessageView:
     has_usage = row.prompt_tokens is not None or row.completion_tokens is not None
     return MessageView.model_construct(
         id=row.id,
@@ -68,6 +72,8 @@ def message_view(row: MessageRow, *, content: str | None = None) -> MessageView:
         content=row.content if content is None else content,
         status=row.status,
         created_at=iso(row.created_at),
+        parent_id=row.parent_id,
+        sibling_ids=sibling_ids,
         model=row.model,
         tool_calls=row.tool_calls or None,
         tool_call_id=row.tool_call_id,
@@ -83,11 +89,13 @@ def message_view(row: MessageRow, *, content: str | None = None) -> MessageView:
     )
 
 
-def message_event(row: MessageRow, *, content: str | None = None) -> str:
+def message_event(
+    row: MessageRow, *, content: str | None = None, sibling_ids: list[str] | None = None
+) -> str:
     return MessageEvent.model_construct(
         conversation_id=row.conversation_id,
         seq=row.seq,
-        message=message_view(row, content=content),
+        message=message_view(row, content=content, sibling_ids=sibling_ids),
     ).encode()
 
 
@@ -101,7 +109,17 @@ def conversation_view(row: ConversationRow) -> ConversationView:
         created_at=iso(row.created_at),
         updated_at=iso(row.updated_at),
         last_seq=row.last_seq,
+        active_leaf_id=row.active_leaf_id,
     )
+
+
+def path_event(row: ConversationRow) -> str:
+    """The active path changed: every client of the conversation re-reads `history`."""
+    return ConversationEvent.model_construct(
+        conversation_id=row.id,
+        conversation=conversation_view(row),
+        active_leaf_id=row.active_leaf_id,
+    ).encode()
 
 
 def openai_messages(rows: Sequence[ModelMessageRow]) -> list[dict[str, Any]]:
@@ -126,3 +144,10 @@ def openai_messages(rows: Sequence[ModelMessageRow]) -> list[dict[str, Any]]:
         elif row.content:
             out.append({"role": row.role, "content": row.content})
     return out
+
+
+def listed_event(row: ConversationRow) -> str:
+    """A conversation in the user's list is new or changed: for every tab's sidebar."""
+    return ConversationEvent.model_construct(
+        conversation_id=row.id, conversation=conversation_view(row)
+    ).encode()

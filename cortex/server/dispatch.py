@@ -19,13 +19,18 @@ from ..protocol import (
     Configure,
     Conversations,
     Delete,
+    DeleteBranch,
+    Edit,
+    Fork,
     History,
     Inbound,
     Ping,
     Pong,
+    Regenerate,
     Rename,
     Send,
     Subscribe,
+    SwitchBranch,
     Unsubscribe,
 )
 
@@ -99,6 +104,7 @@ def frame_handlers(router: Router, manager: ConversationManager, hub: Hub) -> Di
             before_seq=frame.before_seq,
             limit=frame.limit,
             request_id=frame.request_id,
+            leaf_id=frame.leaf_id,
         )
         client.deliver(page)
 
@@ -131,6 +137,28 @@ def frame_handlers(router: Router, manager: ConversationManager, hub: Hub) -> Di
     @table.on(Configure)
     async def configure(frame: Configure, client: Client) -> None:
         await manager.configure(client.owner, frame, client)
+
+    # ---- the conversation tree (pipeline/branches) ----
+
+    @table.on(Edit)
+    async def edit(frame: Edit, client: Client) -> None:
+        await router.branches.edit(client.owner, frame, client)
+
+    @table.on(Regenerate)
+    async def regenerate(frame: Regenerate, client: Client) -> None:
+        await router.branches.regenerate(client.owner, frame, client)
+
+    @table.on(SwitchBranch)
+    async def switch_branch(frame: SwitchBranch, client: Client) -> None:
+        await router.branches.switch(client.owner, frame, client)
+
+    @table.on(DeleteBranch)
+    async def delete_branch(frame: DeleteBranch, client: Client) -> None:
+        await router.branches.delete(client.owner, frame, client)
+
+    @table.on(Fork)
+    async def fork(frame: Fork, client: Client) -> None:
+        await router.branches.fork(client.owner, frame, client)
 
     missing = table.missing()
     if missing:

@@ -84,7 +84,11 @@ class HttpRoutes:
         if len(parts) == 4 and parts[:2] == ["api", "conversations"] and parts[3] == "messages":
             conversation_id = parts[2]
             views, more = await self.reads.history(
-                owner, conversation_id, before_seq=before_seq, limit=limit
+                owner,
+                conversation_id,
+                before_seq=before_seq,
+                limit=limit,
+                leaf_id=query.get("leaf_id", [None])[0],
             )
             return json_response(
                 200,

@@ -41,6 +41,8 @@ class Conversation(Base):
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
     # The last user message whose reply is settled; the ones above it are the reply queue.
     answered_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # The end of the active path (root to leaf) every client of the conversation shares.
+    active_leaf_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class Message(Base):
@@ -53,6 +55,8 @@ class Message(Base):
         Index("ix_messages_client_msg_id", "client_msg_id"),
         Index("ix_messages_status", "status"),
         Index("ix_messages_conversation_role_seq", "conversation_id", "role", "seq"),
+        # Siblings are read by parent (in seq order).
+        Index("ix_messages_conversation_parent", "conversation_id", "parent_id", "seq"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
@@ -76,6 +80,10 @@ class Message(Base):
     reply_options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The message this one follows on its branch (NULL: the first of the conversation), and the
+    # child last active beneath it, so a switch walks down the branch in O(path).
+    parent_id: Mapped[str | None] = mapped_column(String(64))
+    active_child_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class Token(Base):

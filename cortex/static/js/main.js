@@ -9,6 +9,7 @@ import { Sidebar } from "./sidebar.js";
 import { Session } from "./session.js";
 import { titleFrom } from "./state.js";
 import { ChatView } from "./view.js";
+import { setActions } from "./messages.js";
 
 const ID_PATTERN = /^[A-Za-z0-9_.:-]{1,64}$/;
 
@@ -74,6 +75,14 @@ const session = new Session({
   },
 });
 
+// The branch buttons of each message (edit, regenerate, ‹ n/m ›, fork).
+setActions({
+  edit: (msg, text) => session.editMessage(msg, text),
+  regenerate: (msg) => session.regenerate(msg),
+  switchTo: (id) => session.switchTo(id),
+  fork: (msg) => session.fork(msg),
+});
+
 // ---- conversations and the URL --------------------------------------------------------------
 
 function hashId() {
@@ -116,6 +125,7 @@ function onFrame(frame) {
         if (frame.message && frame.message.status !== "streaming") sidebar.refreshSoon(500);
         break;
       }
+      if (chat.offPath(frame.message)) break; // another branch: not on the path shown
       const msg = chat.upsert(frame.message);
       if (msg && msg.role === "assistant") {
         if (msg.status === "complete" && msg.content) {
@@ -172,6 +182,8 @@ function onConversation(frame, mine) {
   const conv = frame.conversation;
   if (!conv || typeof conv !== "object") return;
   if (mine) session.chat.info = { ...conv }; // the header's title when the sidebar lacks it
+  // The active path moved (edit, regenerate, switch_branch, delete_branch): draw it again.
+  if (mine && (frame.active_leaf_id !== undefined || !conv.active_leaf_id)) session.reload();
   sidebar.update(id, conv);
   view.updateChrome();
 }

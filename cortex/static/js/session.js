@@ -3,7 +3,7 @@
 // and Stop. The state is in state.js, its rendering in view.js; the frames the server pushes
 // are dispatched in main.js.
 
-import { Chat, Outbox } from "./state.js";
+import { Chat, Outbox, uuid } from "./state.js";
 
 const PAGE = 50;
 const LOAD_OLDER_WITHIN_PX = 400;
@@ -217,6 +217,48 @@ export class Session {
     }
     if (!c.acknowledge(msg, ack)) this.view.remove(msg); // the stored message arrived first
     this.view.updateChrome();
+  }
+
+  // ---- branches (docs/protocol.md, "Branches") ---------------------------------------------
+
+  /** Read the open conversation again: its active path changed. */
+  reload() {
+    const id = this.chat.id;
+    if (!id) return;
+    this.chat = new Chat(id);
+    this.view.show(this.chat);
+    this.view.updateChrome();
+    if (this.conn.isOpen) this.loadInitial();
+  }
+
+  async branch(frame) {
+    const c = this.chat;
+    if (!c.id || !this.conn.isOpen) return null;
+    try {
+      return await this.conn.request({ ...frame, conversation_id: c.id });
+    } catch (err) {
+      if (err.code !== "disconnected") this.view.showAlert(err);
+      return null;
+    }
+  }
+
+  editMessage(msg, content) {
+    return this.branch({ type: "edit", message_id: msg.id, content, client_msg_id: uuid() });
+  }
+
+  regenerate(msg) {
+    return this.branch({ type: "regenerate", message_id: msg.id, client_msg_id: uuid() });
+  }
+
+  switchTo(messageId) {
+    return this.branch({ type: "switch_branch", message_id: messageId });
+  }
+
+  async fork(msg) {
+    const ack = await this.branch({ type: "fork", message_id: msg.id });
+    if (ack && typeof ack.conversation_id === "string") {
+      location.hash = `#c=${encodeURIComponent(ack.conversation_id)}`; // opens it
+    }
   }
 
   /** Stop the reply in progress. */

@@ -72,6 +72,8 @@ function fromView(view) {
     tool_calls: view.tool_calls || null,
     tool_call_id: view.tool_call_id || null,
     error_code: view.error_code || null,
+    parent_id: view.parent_id || null,
+    sibling_ids: view.sibling_ids || null, // from history and catch-up only
     liveTools: new Map(),
   };
 }
@@ -120,6 +122,8 @@ export class Chat {
         tool_calls: view.tool_calls || null,
         tool_call_id: view.tool_call_id || null,
         error_code: view.error_code || null,
+        parent_id: view.parent_id || null,
+        sibling_ids: view.sibling_ids || msg.sibling_ids, // live events do not carry them
       });
       if (!keepText) {
         msg.content = content;
@@ -141,6 +145,16 @@ export class Chat {
     }
     this.markDirty(msg);
     return msg;
+  }
+
+  /** A live message of another branch (its parent is not on the path shown): not drawn. */
+  offPath(view) {
+    return (
+      Boolean(view) &&
+      typeof view.parent_id === "string" &&
+      !this.messages.has(view.parent_id) &&
+      !this.messages.has(view.id)
+    );
   }
 
   /**

@@ -59,6 +59,9 @@ export class ChatView {
     const stick = !keepScroll && this.isNearBottom();
     for (const msg of this.chat.dirty) this.renderOne(msg);
     this.chat.dirty.clear();
+    // Regenerate is offered on the last reply of the path only.
+    const replies = this.ui.list.querySelectorAll(".msg-assistant");
+    replies.forEach((li, i) => li.classList.toggle("is-last", i === replies.length - 1));
     this.updateChrome();
     if (stick) this.scrollToBottom();
   }
