@@ -79,6 +79,11 @@ class Store:
         except SQLAlchemyError as exc:
             raise StoreError(f"database error: {type(exc).__name__}") from exc
 
+    async def run(self, fn: Callable[[Session], T]) -> T:
+        """One transaction of statements a room brings itself (search), with the same boundary
+        from SQLAlchemy's errors to `StoreError`."""
+        return await self._run(fn)
+
     @timed
     async def ping(self) -> bool:
         try:
