@@ -188,3 +188,15 @@ async def test_a_rename_reindexes_the_title(store: Store) -> None:
     assert (hit.kind, hit.message_id, hit.seq, hit.role) == ("title", None, None, None)
     assert hit.conversation_title == "Quarterly planning"
     assert [h.kind for h in await find(store, "alice", "first")] == ["message"]
+
+
+async def test_cjk_runs_are_whole_words_found_by_prefix_on_both(store: Store) -> None:
+    """Neither tokenizer splits CJK into words: a run of it is one word. So the whole run, or
+    its start with `*`, finds it; a word inside the run does not (docs/search.md)."""
+    await say(store, "alice", "東京都に住む 友達")
+    assert len(await find(store, "alice", "東京都に住む")) == 2  # the message and the title
+    assert len(await find(store, "alice", "東京*")) == 2
+    assert len(await find(store, "alice", "友達")) == 2
+    assert await find(store, "alice", "京都") == []
+    (hit,) = [h for h in await find(store, "alice", "東京*") if h.kind == "message"]
+    assert [hit.snippet[a:b] for a, b in hit.highlights] == ["東京都に住む"]

@@ -20,11 +20,15 @@ from ..protocol import (
     DeltaFrame,
     HistoryPage,
     MessageView,
+    Search,
+    SearchHit,
+    SearchResults,
     Typing,
     delta_frame,
 )
+from ..search.service import run_search
 from .live import Live
-from .views import conversation_view, message_event, message_view
+from .views import conversation_view, message_event, message_view, search_hit
 
 if TYPE_CHECKING:
     from ..fanout.leases import RedisLeases
@@ -147,14 +151,38 @@ class Reads:
         return message_view(row, content=self.live.text_of(row.conversation_id, row.id))
 
     async def history(
-        self, owner: str, conversation_id: str, *, before_seq: int | None, limit: int
+        self,
+        owner: str,
+        conversation_id: str,
+        *,
+        before_seq: int | None,
+        limit: int,
+        around_seq: int | None = None,
     ) -> tuple[list[MessageView], bool]:
-        """A page of messages, newest before `before_seq`, in seq order; and whether more."""
+        """A page of messages, newest before `before_seq`, in seq order; and whether more.
+
+        With `around_seq` (opening a search hit deep in a conversation) the page is the
+        messages around that seq instead: half the page before it, it and the rest after.
+        `has_more` still says whether older messages exist, and newer ones come from a
+        `subscribe` after the page's last seq.
+        """
         await self.conversation(owner, conversation_id)
-        rows, more = await self.store.messages(
-            conversation_id, before_seq=before_seq, limit=min(limit, self.settings.history_page_max)
-        )
+        limit = min(limit, self.settings.history_page_max)
+        if around_seq is not None:
+            return await self._around(conversation_id, around_seq, limit)
+        rows, more = await self.store.messages(conversation_id, before_seq=before_seq, limit=limit)
         return [self.view(r) for r in rows], more
+
+    async def _around(
+        self, conversation_id: str, seq: int, limit: int
+    ) -> tuple[list[MessageView], bool]:
+        older, more = await self.store.messages(
+            conversation_id, before_seq=seq, limit=max(1, limit // 2)
+        )
+        newer, _ = await self.store.messages(
+            conversation_id, after_seq=seq - 1, limit=max(1, limit - len(older))
+        )
+        return [self.view(r) for r in [*older, *newer]], more
 
     async def history_frame(
         self,
@@ -164,10 +192,44 @@ class Reads:
         before_seq: int | None,
         limit: int,
         request_id: str | None = None,
+        around_seq: int | None = None,
     ) -> str:
-        views, more = await self.history(owner, conversation_id, before_seq=before_seq, limit=limit)
+        views, more = await self.history(
+            owner, conversation_id, before_seq=before_seq, limit=limit, around_seq=around_seq
+        )
         return HistoryPage.model_construct(
             conversation_id=conversation_id, messages=views, has_more=more, request_id=request_id
+        ).encode()
+
+    # ---- search (docs/search.md) ----
+
+    async def search(
+        self, owner: str, *, query: str, limit: int, **options: str | None
+    ) -> tuple[list[SearchHit], str | None]:
+        """A page of the owner's search hits and the next page's cursor; `options` are the
+        cursor and the filters (conversation_id, role, after, before), as the client sent them."""
+        hits, next_cursor = await run_search(
+            self.store,
+            owner=owner,
+            query=query,
+            limit=min(limit, self.settings.history_page_max),
+            **options,
+        )
+        return [search_hit(h) for h in hits], next_cursor
+
+    async def search_frame(self, owner: str, frame: Search) -> str:
+        items, next_cursor = await self.search(
+            owner,
+            query=frame.query,
+            limit=frame.limit,
+            cursor=frame.cursor,
+            conversation_id=frame.conversation_id,
+            role=frame.role,
+            after=frame.after,
+            before=frame.before,
+        )
+        return SearchResults.model_construct(
+            items=items, next_cursor=next_cursor, request_id=frame.request_id
         ).encode()
 
     async def conversations(

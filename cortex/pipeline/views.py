@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from ..protocol import ConversationView, MessageEvent, MessageView, Usage
+from ..protocol import ConversationView, MessageEvent, MessageView, SearchHit, Usage
+from ..search.index import Hit
 
 
 class MessageRow(Protocol):
@@ -101,6 +102,21 @@ def conversation_view(row: ConversationRow) -> ConversationView:
         created_at=iso(row.created_at),
         updated_at=iso(row.updated_at),
         last_seq=row.last_seq,
+    )
+
+
+def search_hit(hit: Hit) -> SearchHit:
+    return SearchHit.model_construct(
+        kind=hit.kind,
+        conversation_id=hit.conversation_id,
+        conversation_title=hit.conversation_title,
+        message_id=hit.message_id,
+        seq=hit.seq,
+        role=hit.role,
+        created_at=iso(hit.created_at),
+        snippet=hit.snippet,
+        highlights=list(hit.highlights),
+        on_active_path=hit.on_active_path,
     )
 
 

@@ -24,6 +24,7 @@ from ..protocol import (
     Ping,
     Pong,
     Rename,
+    Search,
     Send,
     Subscribe,
     Unsubscribe,
@@ -99,6 +100,7 @@ def frame_handlers(router: Router, manager: ConversationManager, hub: Hub) -> Di
             before_seq=frame.before_seq,
             limit=frame.limit,
             request_id=frame.request_id,
+            around_seq=frame.around_seq,
         )
         client.deliver(page)
 
@@ -131,6 +133,10 @@ def frame_handlers(router: Router, manager: ConversationManager, hub: Hub) -> Di
     @table.on(Configure)
     async def configure(frame: Configure, client: Client) -> None:
         await manager.configure(client.owner, frame, client)
+
+    @table.on(Search)
+    async def search(frame: Search, client: Client) -> None:
+        client.deliver(await router.reads.search_frame(client.owner, frame))
 
     missing = table.missing()
     if missing:

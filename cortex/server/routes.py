@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.http11 import Request, Response
 
 from ..config import Settings
-from ..errors import NotFound
+from ..errors import BadFrame, NotFound, ProtocolError
 from ..pipeline import export
 from ..pipeline.reads import Reads
 from .responses import error_response, json_response, respond
@@ -62,6 +62,8 @@ class HttpRoutes:
 
     async def api(self, path: str, query: dict[str, list[str]], owner: str) -> Response:
         parts = path.strip("/").split("/")
+        if parts == ["api", "search"]:
+            return await self.search(query, owner)
         if len(parts) == 4 and parts[:2] == ["api", "conversations"] and parts[3] == "export":
             return await self.export(parts[2], query, owner)
         try:
@@ -95,6 +97,30 @@ class HttpRoutes:
                 },
             )
         return error_response(404, "not_found", "no such route")
+
+    async def search(self, query: dict[str, list[str]], owner: str) -> Response:
+        """`GET /api/search?q=...`: the `search` frame over HTTP (docs/search.md)."""
+
+        def one(name: str) -> str | None:
+            return query.get(name, [None])[0]
+
+        try:
+            limit = int(one("limit") or "20")
+            if limit < 1:
+                raise BadFrame("limit must be >= 1")
+            items, next_cursor = await self.reads.search(
+                owner,
+                query=one("q") or "",
+                limit=limit,
+                **{k: one(k) for k in ("cursor", "conversation_id", "role", "after", "before")},
+            )
+        except ValueError:
+            return error_response(400, "bad_frame", "limit must be an integer")
+        except ProtocolError as exc:
+            return error_response(413 if exc.code == "too_large" else 400, exc.code, exc.message)
+        return json_response(
+            200, {"items": [i.model_dump(mode="json") for i in items], "next_cursor": next_cursor}
+        )
 
     async def export(
         self, conversation_id: str, query: dict[str, list[str]], owner: str
