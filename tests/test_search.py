@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 from conftest import make_settings
+from alembic import command
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import text
 
 from cortex.search.index import Filters, Hit, search
 from cortex.search.query import parse
 from cortex.store import Store, make_engine, migrate
+from cortex.store.engine import alembic_config
 
 BOTH_BACKENDS = True
 
@@ -29,6 +32,10 @@ async def store(database_url: str, tmp_path: Path) -> AsyncIterator[Store]:
     finally:
         await store.close()
         await engine.dispose()
+
+
+def downgrade(database_url: str, revision: str) -> None:
+    command.downgrade(alembic_config(database_url), revision)
 
 
 async def find(
@@ -200,3 +207,29 @@ async def test_cjk_runs_are_whole_words_found_by_prefix_on_both(store: Store) ->
     assert await find(store, "alice", "京都") == []
     (hit,) = [h for h in await find(store, "alice", "東京*") if h.kind == "message"]
     assert [hit.snippet[a:b] for a, b in hit.highlights] == ["東京都に住む"]
+
+
+async def test_the_migration_indexes_existing_rows_and_downgrades(
+    database_url: str, tmp_path: Path
+) -> None:
+    await asyncio.to_thread(migrate, database_url, "0004")
+    engine = make_engine(make_settings(tmp_path, database_url=database_url))
+    store = Store(engine)
+    try:
+        conv = await say(store, "alice", "an old message about quinces")
+        started = await store.start_reply(conv, default_model="m")
+        assert started is not None
+        await store.update_message(started.row.id, content="an unfinished quince reply")
+        await store.add_message(conversation_id=conv, role="tool", content="quince tool output")
+        await asyncio.to_thread(migrate, database_url)  # 0006 indexes what is there
+        hits = await find(store, "alice", "quince*")
+        assert sorted((h.kind, h.role) for h in hits) == [("message", "user"), ("title", None)]
+        await store.finish_message(started.row.id, status="interrupted")
+        assert len(await find(store, "alice", "quince*")) == 3  # final now: indexed
+        await asyncio.to_thread(downgrade, database_url, "0004")
+        tables = await store.run(lambda session: sa_inspect(session.connection()).get_table_names())
+        assert "search_docs" not in tables and "search_fts" not in tables
+        await say(store, "alice", "writes go on without the index", conv)
+    finally:
+        await store.close()
+        await engine.dispose()
