@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import make_settings
 from alembic import command
+from conftest import make_settings
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import text
 
