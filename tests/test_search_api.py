@@ -150,6 +150,11 @@ async def test_http_search_is_per_user_with_the_same_errors(
     async with aiohttp.ClientSession(f"http://127.0.0.1:{alice.ws.remote_address[1]}") as s:
         async with s.get("/api/search", params={"q": "guava"}) as response:
             assert response.status == 401
+        # 10,000 characters make a request line longer than the HTTP layer reads (8 KiB):
+        # refused there, before any search, with a 414 and not a 500.
+        long = {"q": "x" * 10_000}
+        async with s.get("/api/search", params=long, headers=bearer(ALICE)) as response:
+            assert response.status == 414
 
 
 async def test_history_around_seq_opens_a_deep_hit(connect_client: Callable[..., Any]) -> None:
