@@ -169,3 +169,20 @@ async def test_history_around_seq_opens_a_deep_hit(connect_client: Callable[...,
     assert page["has_more"] is True
     error = await alice.request(type="history", conversation_id="nope", around_seq=1)
     assert error["code"] == "not_found"
+
+
+async def test_http_messages_around_a_seq(
+    connect_client: Callable[..., Any], get: Callable[..., Any]
+) -> None:
+    alice: Client = await connect_client(additional_headers=bearer(ALICE))
+    conv = await chat(alice, "first")
+    for n in range(5):
+        await chat(alice, f"more {n}", conv)
+    path = f"/api/conversations/{conv}/messages"
+    status, body = await get(path, around_seq="6", limit="4")
+    assert status == 200 and [m["seq"] for m in body["messages"]] == [4, 5, 6, 7]
+    assert body["has_more"] is True
+    for bad in ["x", "-1", str(2**60)]:
+        status, body = await get(path, around_seq=bad)
+        assert (status, body["error"]["code"]) == (400, "bad_frame"), bad
+    assert (await get(path, BOB, around_seq="6"))[0] == 404

@@ -70,11 +70,16 @@ class HttpRoutes:
             limit = min(int(query.get("limit", ["50"])[0]), self.settings.history_page_max)
             before_seq_raw = query.get("before_seq", [None])[0]
             before_seq = int(before_seq_raw) if before_seq_raw is not None else None
+            around_raw = query.get("around_seq", [None])[0]  # opening a search hit
+            around_seq = int(around_raw) if around_raw is not None else None
         except ValueError:
-            return error_response(400, "bad_frame", "limit and before_seq must be integers")
-        if limit < 1 or (before_seq is not None and not 0 <= before_seq <= MAX_SEQ):
             return error_response(
-                400, "bad_frame", f"limit must be >= 1 and before_seq from 0 to {MAX_SEQ}"
+                400, "bad_frame", "limit, before_seq and around_seq must be integers"
+            )
+        seqs = [s for s in (before_seq, around_seq) if s is not None]
+        if limit < 1 or not all(0 <= s <= MAX_SEQ for s in seqs):
+            return error_response(
+                400, "bad_frame", f"limit must be >= 1 and seqs from 0 to {MAX_SEQ}"
             )
         if parts == ["api", "conversations"]:
             before = query.get("before", [None])[0]
@@ -86,7 +91,7 @@ class HttpRoutes:
         if len(parts) == 4 and parts[:2] == ["api", "conversations"] and parts[3] == "messages":
             conversation_id = parts[2]
             views, more = await self.reads.history(
-                owner, conversation_id, before_seq=before_seq, limit=limit
+                owner, conversation_id, before_seq=before_seq, limit=limit, around_seq=around_seq
             )
             return json_response(
                 200,
