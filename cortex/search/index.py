@@ -50,30 +50,39 @@ class Hit:
     on_active_path: bool
 
 
-COLUMNS = """d.kind, d.ref_id, d.conversation_id, d.role, d.created_at,
-    c.title AS conversation_title, m.seq, COALESCE(m.content, c.title) AS body"""
-
-SQLITE = f"""
-SELECT {COLUMNS}
-FROM search_fts f
-JOIN search_docs d ON d.id = f.rowid
-JOIN conversations c ON c.id = d.conversation_id
-LEFT JOIN messages m ON d.kind = 'message' AND m.id = d.ref_id
-WHERE search_fts MATCH :match {{filters}}
-ORDER BY bm25(search_fts, 1.0, 0.0), c.updated_at DESC, d.id DESC
-LIMIT :limit OFFSET :offset
+# The page is ranked first, over the index and the conversations alone; only its few rows then
+# read their message's text (for the snippet). Joining the messages before the sort would read
+# the text of every match of a common word.
+RANKED = """
+WITH page AS (
+    SELECT d.id, d.kind, d.ref_id, d.conversation_id, d.role, d.created_at,
+           c.title AS conversation_title, c.updated_at, {score} AS score
+    {source}
+    ORDER BY score, c.updated_at DESC, d.id DESC
+    LIMIT :limit OFFSET :offset
+)
+SELECT page.kind, page.ref_id, page.conversation_id, page.role, page.created_at,
+       page.conversation_title, m.seq, COALESCE(m.content, page.conversation_title) AS body
+FROM page
+LEFT JOIN messages m ON page.kind = 'message' AND m.id = page.ref_id
+ORDER BY page.score, page.updated_at DESC, page.id DESC
 """
 
-POSTGRES = f"""
-SELECT {COLUMNS}
-FROM search_docs d
-JOIN conversations c ON c.id = d.conversation_id
-LEFT JOIN messages m ON d.kind = 'message' AND m.id = d.ref_id
-CROSS JOIN {{tsquery}} AS q(query)
-WHERE d.owner = :owner AND d.tsv @@ q.query {{filters}}
-ORDER BY ts_rank_cd(d.tsv, q.query) DESC, c.updated_at DESC, d.id DESC
-LIMIT :limit OFFSET :offset
-"""
+SQLITE = RANKED.format(
+    score="bm25(search_fts, 1.0, 0.0)",  # lower is better; the owner column weighs nothing
+    source="""FROM search_fts f
+    JOIN search_docs d ON d.id = f.rowid
+    JOIN conversations c ON c.id = d.conversation_id
+    WHERE search_fts MATCH :match {filters}""",
+)
+
+POSTGRES = RANKED.format(
+    score="-ts_rank_cd(d.tsv, q.query)",  # negated: lower is better, as bm25
+    source="""FROM search_docs d
+    JOIN conversations c ON c.id = d.conversation_id
+    CROSS JOIN {tsquery} AS q(query)
+    WHERE d.owner = :owner AND d.tsv @@ q.query {filters}""",
+)
 
 
 def _utc(moment: datetime) -> datetime:
