@@ -167,6 +167,8 @@ async def test_history_around_seq_opens_a_deep_hit(connect_client: Callable[...,
     seqs = [m["seq"] for m in page["messages"]]
     assert seqs == [hit["seq"] - 2, hit["seq"] - 1, hit["seq"], hit["seq"] + 1]
     assert page["has_more"] is True
+    one = await alice.request(type="history", conversation_id=conv, around_seq=hit["seq"], limit=1)
+    assert [m["seq"] for m in one["messages"]] == [hit["seq"]] and one["has_more"] is True
     error = await alice.request(type="history", conversation_id="nope", around_seq=1)
     assert error["code"] == "not_found"
 

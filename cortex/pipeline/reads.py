@@ -176,9 +176,8 @@ class Reads:
     async def _around(
         self, conversation_id: str, seq: int, limit: int
     ) -> tuple[list[MessageView], bool]:
-        older, more = await self.store.messages(
-            conversation_id, before_seq=seq, limit=max(1, limit // 2)
-        )
+        # limit // 2 may be 0 (a page of one): then only `more` is read from the older side.
+        older, more = await self.store.messages(conversation_id, before_seq=seq, limit=limit // 2)
         newer, _ = await self.store.messages(
             conversation_id, after_seq=seq - 1, limit=max(1, limit - len(older))
         )
