@@ -86,9 +86,12 @@ class Unsubscribe(Inbound):
 
 
 class History(Inbound):
+    """A page of older messages (`before_seq`), or one centred on `around_seq` (a search hit)."""
+
     type: Literal["history"]
     conversation_id: Id
     before_seq: Seq | None = None
+    around_seq: Seq | None = None
     limit: Limit = 50
     leaf_id: Id | None = None  # another branch: the path from the root to this message
 
@@ -186,6 +189,23 @@ class Fork(Inbound):
     type: Literal["fork"]
     conversation_id: Id
     message_id: Id
+
+
+# ---- search (docs/search.md) ----
+
+
+class Search(Inbound):
+    """Full-text search over the caller's conversations. The query's own limit (`too_large`)
+    and the dates (ISO 8601) are checked by the search room, not here."""
+
+    type: Literal["search"]
+    query: str
+    limit: Limit = 20
+    cursor: Annotated[str, StringConstraints(max_length=200)] | None = None
+    conversation_id: Id | None = None
+    role: Literal["user", "assistant"] | None = None
+    after: Annotated[str, StringConstraints(max_length=64)] | None = None
+    before: Annotated[str, StringConstraints(max_length=64)] | None = None
 
 
 # Every inbound class above is registered by now: the parser is built from the registry.
@@ -432,6 +452,33 @@ class ErrorEvent(Outbound):
     message: str
     request_id: str | None = None
     conversation_id: str | None = None
+
+
+class SearchHit(BaseModel):
+    """One hit: a message, a conversation title (no message_id, seq or role) or an attachment.
+    `highlights` are [start, end) character ranges in `snippet`, which is plain text."""
+
+    kind: Literal["message", "title", "attachment"]
+    conversation_id: str
+    conversation_title: str
+    message_id: str | None
+    seq: int | None
+    role: str | None
+    created_at: str
+    snippet: str
+    highlights: list[tuple[int, int]]
+    on_active_path: bool
+
+
+class SearchResults(Outbound):
+    type: Literal["search_results"] = "search_results"
+    items: list[SearchHit]
+    next_cursor: str | None
+    request_id: str | None = None
+
+    def encode(self) -> str:
+        # A hit's nulls are part of its shape (a title hit has no seq), so they are kept.
+        return self.model_dump_json(exclude={"request_id"} if self.request_id is None else None)
 
 
 class Pong(Outbound):

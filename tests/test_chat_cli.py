@@ -211,4 +211,20 @@ async def test_edit_retry_branches_switch_delete_and_fork(
     assert len(conversations) == 2
     shown = await term.line("/switch 9")
     assert "usage: /switch N" in shown
+
+
+async def test_search_command_lists_hits_with_their_matches_marked(
+    terminal: Callable[..., Any], server: Cortex, provider: FakeOpenAI
+) -> None:
+    provider.enqueue(Reply(text="Rotate the signing keys monthly."))
+    term: Terminal = await terminal()
+    assert "assistant> Rotate the signing keys monthly." in await term.line("how do I rotate keys?")
+    shown = await term.line('/search "signing keys"')
+    conv = (await server.store.conversations(owner="local"))[0][0].id
+    assert re.search(rf"1\. how do I rotate keys\?\s+\[assistant #2\]\s+{conv}", shown)
+    assert "Rotate the *signing keys* monthly." in shown
+    shown = await term.line("/search nothing-like-this")
+    assert "(no hits)" in shown
+    shown = await term.line("/search " + "x" * 1001)
+    assert "[too_large]" in shown
     assert await term.close() == 0

@@ -28,7 +28,8 @@ ALLOWED: dict[str, set[str]] = {
     "tools": BASE | {"ops"},
     "fanout": BASE | {"ops"},
     "auth": BASE | {"ops", "store"},
-    "pipeline": BASE | {"ops", "store", "llm", "tools", "fanout"},
+    "search": BASE | {"ops", "store"},
+    "pipeline": BASE | {"ops", "store", "llm", "tools", "fanout", "search"},
     "server": BASE | {"ops", "store", "auth", "pipeline", "fanout"},
     "client": BASE,
 }

@@ -35,6 +35,7 @@ HELP = """commands:
   /list            your conversations, newest first
   /open ID|N       open a conversation by id (or its number in /list) and show its end
   /history [N]     the last N messages of this conversation (default 20)
+  /search WORDS    search your conversations: words, "a phrase", prefix*, -excluded
   /cancel          stop the reply in progress (or press Ctrl+C)
   /model [NAME]    show or set the model (of this conversation, or of the next new one)
   /rename TITLE    rename this conversation
@@ -61,6 +62,7 @@ class Commands:
             "list": self.list_conversations,
             "open": self.open,
             "history": self.history,
+            "search": self.search,
             "cancel": self.cancel,
             "model": self.model,
             "rename": self.rename,
@@ -167,6 +169,28 @@ class Commands:
             messages = page.get("messages", [])
             client.screen.note(f"— the last {len(messages)} messages —")
             Transcript(client.screen).history(messages)  # a printout: the live state is kept
+
+    async def search(self, argument: str) -> None:
+        client = self.client
+        if not argument:
+            client.screen.note('usage: /search WORDS ("a phrase", prefix*, -excluded)')
+            return
+        answer = await client.request({"type": "search", "query": argument, "limit": 20})
+        if answer is None:
+            return
+        items = answer.get("items", [])
+        if not items:
+            client.screen.note("(no hits)")
+        for number, hit in enumerate(items, start=1):
+            title = hit.get("conversation_title") or "(untitled)"
+            where = "title" if hit["kind"] == "title" else f"{hit.get('role')} #{hit.get('seq')}"
+            client.screen.line(f"{number:>3}. {title}  [{where}]  {hit['conversation_id']}")
+            snippet = client.screen.marked(hit.get("snippet", ""), hit.get("highlights", []))
+            client.screen.line(f"     {snippet}")
+        if answer.get("next_cursor"):
+            client.screen.note("  (more hits: narrow the search)")
+        if items:
+            client.screen.note("  (/open ID opens a conversation)")
 
     async def cancel(self, _argument: str) -> None:
         client = self.client

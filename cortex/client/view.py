@@ -57,6 +57,16 @@ class Screen:
         """A dim line about the client itself (connection, commands)."""
         self.line(self._style(text, "2"))
 
+    def marked(self, text: str, ranges: list[list[int]]) -> str:
+        """`text` with the [start, end) `ranges` in bold, or between * without colour."""
+        out, at = [], 0
+        for start, end in sorted(ranges):
+            if at <= start < end <= len(text):
+                part = text[start:end]
+                out += [text[at:start], self._style(part, "1") if self.color else f"*{part}*"]
+                at = end
+        return "".join([*out, text[at:]])
+
     def error(self, text: str) -> None:
         self.line(self._style(text, "31"))
 

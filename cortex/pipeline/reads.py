@@ -20,11 +20,15 @@ from ..protocol import (
     DeltaFrame,
     HistoryPage,
     MessageView,
+    Search,
+    SearchHit,
+    SearchResults,
     Typing,
     delta_frame,
 )
+from ..search.service import run_search
 from .live import Live
-from .views import conversation_view, message_event, message_view
+from .views import conversation_view, message_event, message_view, search_hit
 
 if TYPE_CHECKING:
     from ..fanout.leases import RedisLeases
@@ -163,14 +167,21 @@ class Reads:
         before_seq: int | None,
         limit: int,
         leaf_id: str | None = None,
+        around_seq: int | None = None,
     ) -> tuple[list[MessageView], bool]:
         """A page of the active path (or of the path to `leaf_id`), root first: the newest
-        messages before `before_seq` on it; and whether older ones precede them."""
+        messages before `before_seq` on it; and whether older ones precede them.
+
+        With `around_seq` (opening a search hit deep in a conversation) the page is centred on
+        that message instead: half the page before it, it and the rest after, on the path that
+        runs through it (down its branch as last active, unless `leaf_id` names the path).
+        """
         await self.conversation(owner, conversation_id)
         page = await self.store.path_page(
             conversation_id,
             leaf_id=leaf_id,
             before_seq=before_seq,
+            around_seq=around_seq,
             limit=min(limit, self.settings.history_page_max),
         )
         if page is None:
@@ -186,12 +197,49 @@ class Reads:
         limit: int,
         request_id: str | None = None,
         leaf_id: str | None = None,
+        around_seq: int | None = None,
     ) -> str:
         views, more = await self.history(
-            owner, conversation_id, before_seq=before_seq, limit=limit, leaf_id=leaf_id
+            owner,
+            conversation_id,
+            before_seq=before_seq,
+            limit=limit,
+            leaf_id=leaf_id,
+            around_seq=around_seq,
         )
         return HistoryPage.model_construct(
             conversation_id=conversation_id, messages=views, has_more=more, request_id=request_id
+        ).encode()
+
+    # ---- search (docs/search.md) ----
+
+    async def search(
+        self, owner: str, *, query: str, limit: int, **options: str | None
+    ) -> tuple[list[SearchHit], str | None]:
+        """A page of the owner's search hits and the next page's cursor; `options` are the
+        cursor and the filters (conversation_id, role, after, before), as the client sent them."""
+        hits, next_cursor = await run_search(
+            self.store,
+            owner=owner,
+            query=query,
+            limit=min(limit, self.settings.history_page_max),
+            **options,
+        )
+        return [search_hit(h) for h in hits], next_cursor
+
+    async def search_frame(self, owner: str, frame: Search) -> str:
+        items, next_cursor = await self.search(
+            owner,
+            query=frame.query,
+            limit=frame.limit,
+            cursor=frame.cursor,
+            conversation_id=frame.conversation_id,
+            role=frame.role,
+            after=frame.after,
+            before=frame.before,
+        )
+        return SearchResults.model_construct(
+            items=items, next_cursor=next_cursor, request_id=frame.request_id
         ).encode()
 
     async def conversations(

@@ -6,7 +6,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from ..protocol import ConversationEvent, ConversationView, MessageEvent, MessageView, Usage
+from ..protocol import (
+    ConversationEvent,
+    ConversationView,
+    MessageEvent,
+    MessageView,
+    SearchHit,
+    Usage,
+)
+from ..search.index import Hit
 
 
 class MessageRow(Protocol):
@@ -120,6 +128,21 @@ def path_event(row: ConversationRow) -> str:
         conversation=conversation_view(row),
         active_leaf_id=row.active_leaf_id,
     ).encode()
+
+
+def search_hit(hit: Hit) -> SearchHit:
+    return SearchHit.model_construct(
+        kind=hit.kind,
+        conversation_id=hit.conversation_id,
+        conversation_title=hit.conversation_title,
+        message_id=hit.message_id,
+        seq=hit.seq,
+        role=hit.role,
+        created_at=iso(hit.created_at),
+        snippet=hit.snippet,
+        highlights=list(hit.highlights),
+        on_active_path=hit.on_active_path,
+    )
 
 
 def openai_messages(rows: Sequence[ModelMessageRow]) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from ..protocol import (
     Pong,
     Regenerate,
     Rename,
+    Search,
     Send,
     Subscribe,
     SwitchBranch,
@@ -105,6 +106,7 @@ def frame_handlers(router: Router, manager: ConversationManager, hub: Hub) -> Di
             limit=frame.limit,
             request_id=frame.request_id,
             leaf_id=frame.leaf_id,
+            around_seq=frame.around_seq,
         )
         client.deliver(page)
 
@@ -159,6 +161,10 @@ def frame_handlers(router: Router, manager: ConversationManager, hub: Hub) -> Di
     @table.on(Fork)
     async def fork(frame: Fork, client: Client) -> None:
         await router.branches.fork(client.owner, frame, client)
+
+    @table.on(Search)
+    async def search(frame: Search, client: Client) -> None:
+        client.deliver(await router.reads.search_frame(client.owner, frame))
 
     missing = table.missing()
     if missing:

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.http11 import Request, Response
 
 from ..config import Settings
-from ..errors import NotFound
+from ..errors import BadFrame, NotFound, ProtocolError
 from ..pipeline import export
 from ..pipeline.reads import Reads
 from .responses import error_response, json_response, respond
@@ -62,17 +62,24 @@ class HttpRoutes:
 
     async def api(self, path: str, query: dict[str, list[str]], owner: str) -> Response:
         parts = path.strip("/").split("/")
+        if parts == ["api", "search"]:
+            return await self.search(query, owner)
         if len(parts) == 4 and parts[:2] == ["api", "conversations"] and parts[3] == "export":
             return await self.export(parts[2], query, owner)
         try:
             limit = min(int(query.get("limit", ["50"])[0]), self.settings.history_page_max)
             before_seq_raw = query.get("before_seq", [None])[0]
             before_seq = int(before_seq_raw) if before_seq_raw is not None else None
+            around_raw = query.get("around_seq", [None])[0]  # opening a search hit
+            around_seq = int(around_raw) if around_raw is not None else None
         except ValueError:
-            return error_response(400, "bad_frame", "limit and before_seq must be integers")
-        if limit < 1 or (before_seq is not None and not 0 <= before_seq <= MAX_SEQ):
             return error_response(
-                400, "bad_frame", f"limit must be >= 1 and before_seq from 0 to {MAX_SEQ}"
+                400, "bad_frame", "limit, before_seq and around_seq must be integers"
+            )
+        seqs = [s for s in (before_seq, around_seq) if s is not None]
+        if limit < 1 or not all(0 <= s <= MAX_SEQ for s in seqs):
+            return error_response(
+                400, "bad_frame", f"limit must be >= 1 and seqs from 0 to {MAX_SEQ}"
             )
         if parts == ["api", "conversations"]:
             before = query.get("before", [None])[0]
@@ -89,6 +96,7 @@ class HttpRoutes:
                 before_seq=before_seq,
                 limit=limit,
                 leaf_id=query.get("leaf_id", [None])[0],
+                around_seq=around_seq,
             )
             return json_response(
                 200,
@@ -99,6 +107,30 @@ class HttpRoutes:
                 },
             )
         return error_response(404, "not_found", "no such route")
+
+    async def search(self, query: dict[str, list[str]], owner: str) -> Response:
+        """`GET /api/search?q=...`: the `search` frame over HTTP (docs/search.md)."""
+
+        def one(name: str) -> str | None:
+            return query.get(name, [None])[0]
+
+        try:
+            limit = int(one("limit") or "20")
+            if limit < 1:
+                raise BadFrame("limit must be >= 1")
+            items, next_cursor = await self.reads.search(
+                owner,
+                query=one("q") or "",
+                limit=limit,
+                **{k: one(k) for k in ("cursor", "conversation_id", "role", "after", "before")},
+            )
+        except ValueError:
+            return error_response(400, "bad_frame", "limit must be an integer")
+        except ProtocolError as exc:
+            return error_response(413 if exc.code == "too_large" else 400, exc.code, exc.message)
+        return json_response(
+            200, {"items": [i.model_dump(mode="json") for i in items], "next_cursor": next_cursor}
+        )
 
     async def export(
         self, conversation_id: str, query: dict[str, list[str]], owner: str

@@ -115,6 +115,11 @@ class Store:
         except SQLAlchemyError as exc:
             raise StoreError(f"database error: {type(exc).__name__}") from exc
 
+    async def run(self, fn: Callable[[Session], T]) -> T:
+        """One transaction of statements a room brings itself (search), with the same boundary
+        from SQLAlchemy's errors to `StoreError`."""
+        return await self._run(fn)
+
     @timed
     async def ping(self) -> bool:
         try:
@@ -526,13 +531,16 @@ class Store:
     # ---- the tree ---------------------------------------------------------------------
 
     @timed
-    async def active_path_ids(self, conversation_id: str) -> set[str]:
-        """The ids on the conversation's active path (for `on_active_path`-style questions)."""
+    async def active_path_ids(self, *conversation_ids: str) -> set[str]:
+        """The ids on these conversations' active paths, in one read (for `on_active_path`)."""
 
         def read(session: Session) -> set[str]:
-            conv = session.get(Conversation, conversation_id)
-            leaf = conv.active_leaf_id if conv is not None else None
-            return set(path_ids(session, conversation_id, leaf))
+            ids: set[str] = set()
+            for conversation_id in dict.fromkeys(conversation_ids):
+                conv = session.get(Conversation, conversation_id)
+                leaf = conv.active_leaf_id if conv is not None else None
+                ids.update(path_ids(session, conversation_id, leaf))
+            return ids
 
         return await self._run(read)
 
@@ -543,13 +551,26 @@ class Store:
         *,
         leaf_id: str | None = None,
         before_seq: int | None = None,
+        around_seq: int | None = None,
         limit: int = 50,
     ) -> Page | None:
         """The newest `limit` messages of the path from the root to `leaf_id` (the active leaf
-        if None) that come before the message `before_seq` on it. None: no such leaf here."""
+        if None) that come before the message `before_seq` on it. None: no such leaf here.
+
+        With `around_seq`, the page centred on that message (half the page before it) on the
+        path through it: down its branch as last active, unless `leaf_id` names the path."""
 
         def read(session: Session) -> Page | None:
             leaf = leaf_id
+            if around_seq is not None and leaf is None:
+                hit = session.execute(
+                    select(Message.id).where(
+                        Message.conversation_id == conversation_id, Message.seq == around_seq
+                    )
+                ).scalar()
+                if hit is None:
+                    return None
+                leaf = descend(session, conversation_id, hit)
             if leaf is None:
                 conv = session.get(Conversation, conversation_id)
                 leaf = conv.active_leaf_id if conv is not None else None
@@ -559,6 +580,15 @@ class Store:
             if not steps:
                 return None
             end = len(steps)
+            if around_seq is not None:
+                at = next((n for n, step in enumerate(steps) if step.seq == around_seq), None)
+                if at is None:
+                    return None
+                start = max(0, at - limit // 2)
+                end = min(len(steps), start + limit)
+                start = max(0, min(start, end - limit))
+                rows = _load(session, [step.id for step in steps[start:end]])
+                return Page(rows, start > 0, siblings(session, conversation_id, _parents(rows)))
             if before_seq is not None:
                 end = next((n for n, step in enumerate(steps) if step.seq >= before_seq), end)
             start = max(0, end - limit)

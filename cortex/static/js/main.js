@@ -6,6 +6,7 @@
 
 import { Connection, readToken, storeToken } from "./connection.js";
 import { Sidebar } from "./sidebar.js";
+import { SearchBox } from "./search.js";
 import { Session } from "./session.js";
 import { titleFrom } from "./state.js";
 import { ChatView } from "./view.js";
@@ -49,6 +50,7 @@ const ui = {
   send: $("send"),
   stop: $("stop"),
   live: $("live"),
+  searchOpen: $("search-open"),
 };
 
 const conn = new Connection();
@@ -81,6 +83,51 @@ setActions({
   regenerate: (msg) => session.regenerate(msg),
   switchTo: (id) => session.switchTo(id),
   fork: (msg) => session.fork(msg),
+});
+
+// ---- search (docs/search.md) ----------------------------------------------------------------
+
+const search = new SearchBox({
+  conn,
+  ui: {
+    panel: $("search-panel"),
+    form: $("search-form"),
+    input: $("search-input"),
+    close: $("search-close"),
+    status: $("search-status"),
+    results: $("search-results"),
+    more: $("search-more"),
+  },
+  onOpen(hit) {
+    search.close(false);
+    const id = String(hit.conversation_id);
+    if (!ID_PATTERN.test(id)) return;
+    if (hashId() !== id) history.pushState(null, "", `#c=${encodeURIComponent(id)}`);
+    openConversation(id, { aroundSeq: Number.isInteger(hit.seq) ? hit.seq : null });
+    ui.input.focus();
+  },
+});
+
+/** Ctrl+K anywhere, or `/` in an empty composer (or outside any text field), opens search. */
+function searchKey(event) {
+  if ((event.ctrlKey || event.metaKey) && !event.altKey && event.key.toLowerCase() === "k") {
+    return true;
+  }
+  if (event.key !== "/" || event.ctrlKey || event.metaKey || event.altKey) return false;
+  const target = event.target;
+  if (target === ui.input) return ui.input.value === "";
+  return !(target instanceof HTMLInputElement || target instanceof HTMLTextAreaElement);
+}
+
+document.addEventListener("keydown", (event) => {
+  if (event.isComposing || !searchKey(event)) return;
+  event.preventDefault();
+  closeDrawer(false);
+  search.open();
+});
+ui.searchOpen.addEventListener("click", () => {
+  closeDrawer(false);
+  search.open();
 });
 
 // ---- conversations and the URL --------------------------------------------------------------
@@ -157,6 +204,7 @@ function onFrame(frame) {
     case "pong":
     case "history":
     case "conversations":
+    case "search_results":
       break; // answers whose request stopped waiting (timed out, or the socket was replaced)
     default:
       break; // a type this page does not know

@@ -29,12 +29,14 @@ export class Session {
    * Show conversation `id` (null: a new chat). `unsubscribe`: tell the server that the one shown
    * until now is no longer watched (not after it was deleted).
    */
-  open(id, { unsubscribe = true } = {}) {
+  open(id, { unsubscribe = true, aroundSeq = null } = {}) {
     const { conn } = this;
     if (unsubscribe && this.chat.id && this.chat.id !== id && conn.isOpen) {
       conn.send({ type: "unsubscribe", conversation_id: this.chat.id });
     }
     this.chat = new Chat(id);
+    // A search hit: the first page is the one around it (history {around_seq}).
+    this.chat.aroundSeq = id && Number.isInteger(aroundSeq) ? aroundSeq : null;
     this.view.show(this.chat);
     this.sidebar.setActive(id);
     this.view.updateChrome();
@@ -48,14 +50,16 @@ export class Session {
     c.loading = true;
     view.updateChrome();
     try {
-      const page = await conn.request({ type: "history", conversation_id: c.id, limit: PAGE });
+      const frame = { type: "history", conversation_id: c.id, limit: PAGE };
+      if (c.aroundSeq !== null) frame.around_seq = c.aroundSeq;
+      const page = await conn.request(frame);
       if (c !== this.chat) return;
       for (const msg of page.messages || []) c.upsert(msg);
       c.hasMore = Boolean(page.has_more);
       c.loaded = true;
       this.subscribe();
       view.flush(true);
-      view.scrollToBottom();
+      if (c.aroundSeq === null || !view.showSeq(c.aroundSeq)) view.scrollToBottom();
     } catch (err) {
       if (c !== this.chat) return;
       if (err.code === "not_found" || err.code === "forbidden") {

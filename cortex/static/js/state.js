@@ -96,6 +96,7 @@ export class Chat {
     this.typing = false;
     this.stopping = false;
     this.resyncing = false;
+    this.aroundSeq = null; // a search hit to open the conversation at (session.js)
   }
 
   markDirty(msg) {

@@ -118,6 +118,16 @@ export class ChatView {
     this.ui.scroller.scrollTop = this.ui.scroller.scrollHeight;
   }
 
+  /** Scroll message `seq` into the middle of the view and mark it (a search hit opened). */
+  showSeq(seq) {
+    const li = this.ui.list.querySelector(`li[data-seq="${Number(seq)}"]`);
+    if (!li) return false;
+    for (const old of this.ui.list.querySelectorAll(".msg-found")) old.classList.remove("msg-found");
+    li.classList.add("msg-found");
+    li.scrollIntoView({ block: "center" });
+    return true;
+  }
+
   /** Run `change` (which adds messages above) without moving what the reader is looking at. */
   keepPlace(change) {
     const s = this.ui.scroller;
