@@ -28,9 +28,10 @@ ALLOWED: dict[str, set[str]] = {
     "tools": BASE | {"ops"},
     "fanout": BASE | {"ops"},
     "auth": BASE | {"ops", "store"},
-    "pipeline": BASE | {"ops", "store", "llm", "tools", "fanout"},
-    "server": BASE | {"ops", "store", "auth", "pipeline", "fanout"},
+    "pipeline": BASE | {"ops", "store", "llm", "tools", "fanout"} | {"attachments"},
+    "server": BASE | {"ops", "store", "auth", "pipeline", "fanout"} | {"attachments"},
     "client": BASE,
+    "attachments": BASE | {"ops"},  # pure: sniffing, image, text and PDF checks, model parts
 }
 TOP = {"cortex.app", "cortex.cli", "cortex.doctor", "cortex.banner", "cortex.__main__"}
 

@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
+from .attachments import link, unlink_conversation
 from .models import Conversation, Message, utcnow
 from .statements import (
     ContextMessage,
@@ -70,6 +71,10 @@ class Store:
 
     async def close(self) -> None:
         await self._transactions.close()
+
+    async def transact(self, fn: Callable[[Session], T]) -> T:
+        """Run `fn(session)` as one transaction (the attachment store's queries use this)."""
+        return await self._run(fn)
 
     async def _run(self, fn: Callable[[Session], T]) -> T:
         try:
@@ -178,6 +183,7 @@ class Store:
             conv = session.get(Conversation, conversation_id)
             if conv is None or conv.owner != owner:
                 return None
+            unlink_conversation(session, conversation_id)  # and attachments only it used
             # Messages first: the foreign key cascades too, but only where the database enforces
             # it (SQLite needs a pragma), and an explicit delete does not depend on that.
             result = session.execute(
@@ -202,6 +208,7 @@ class Store:
         system_prompt: str | None = None,
         temperature: float | None = None,
         reply_options: dict[str, Any] | None = None,
+        attachment_ids: Sequence[str] = (),
     ) -> StoredMessage | None:
         """Store a user message, creating the conversation when `conversation_id` is None.
 
@@ -241,6 +248,8 @@ class Store:
                 client_msg_id=client_msg_id,
                 reply_options=reply_options or None,
             )
+            if attachment_ids:
+                link(session, message.id, attachment_ids)
             return StoredMessage(conv, message, True)
 
         for _attempt in range(3):

@@ -33,6 +33,7 @@ class ContextMessage(NamedTuple):
     content: str
     tool_calls: list[dict[str, Any]] | None
     tool_call_id: str | None
+    id: str | None = None  # the row's id: its attachments are found by it
 
 
 _conversations = cast(Table, Conversation.__table__)
@@ -64,7 +65,7 @@ _FIND_CLIENT_MSG = (
 )
 _FIND_CLIENT_MSG_IN = _FIND_CLIENT_MSG.where(_conversations.c.id == bindparam("target"))
 _CONTEXT = (
-    select(Message.role, Message.content, Message.tool_calls, Message.tool_call_id)
+    select(Message.role, Message.content, Message.tool_calls, Message.tool_call_id, Message.id)
     .where(
         Message.conversation_id == bindparam("target"),
         # A failed tool result still answers its call: the model needs to see it.
