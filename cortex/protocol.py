@@ -69,6 +69,7 @@ class Send(Inbound):
         Annotated[list[Annotated[str, StringConstraints(max_length=64)]], Field(max_length=64)]
         | None
     ) = None
+    attachments: Annotated[list[Id], Field(max_length=100)] | None = None  # uploaded ids
 
 
 class Subscribe(Inbound):
@@ -135,6 +136,24 @@ class Configure(Inbound):
         """The settings this frame names, with their new values (None: the server default)."""
         named = self.model_fields_set & {"model", "system_prompt", "temperature"}
         return {name: getattr(self, name) for name in sorted(named)}
+
+
+# ---- attachments (docs/attachments.md) ----
+
+
+class Upload(Inbound):
+    """Announce a file; its `size` bytes follow as binary frames, answered by `attachment`."""
+
+    type: Literal["upload"]
+    filename: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    content_type: Annotated[str, StringConstraints(max_length=100)] | None = None  # a hint only
+    size: Annotated[int, Field(ge=1, le=2**53)]
+
+
+class CancelUpload(Inbound):
+    """Abandon the upload in progress (its bytes so far are dropped)."""
+
+    type: Literal["cancel_upload"]
 
 
 # Every inbound class above is registered by now: the parser is built from the registry.
@@ -250,6 +269,19 @@ class Usage(BaseModel):
     cost_usd: float | None = None
 
 
+class AttachmentView(BaseModel):
+    """An uploaded file as clients see it; `kind` is image, text or pdf."""
+
+    id: str
+    filename: str
+    content_type: str
+    size: int
+    kind: Literal["image", "text", "pdf"]
+    width: int | None = None
+    height: int | None = None
+    pages: int | None = None
+
+
 class MessageView(BaseModel):
     """A stored message as clients see it."""
 
@@ -265,6 +297,7 @@ class MessageView(BaseModel):
     usage: Usage | None = None
     finish_reason: str | None = None
     error_code: str | None = None
+    attachments: list[AttachmentView] | None = None
 
 
 class ConversationView(BaseModel):
@@ -359,6 +392,14 @@ class ErrorEvent(Outbound):
     message: str
     request_id: str | None = None
     conversation_id: str | None = None
+
+
+class AttachmentEvent(Outbound):
+    """An upload is complete and checked: the id a `send` may carry."""
+
+    type: Literal["attachment"] = "attachment"
+    attachment: AttachmentView
+    request_id: str | None = None
 
 
 class Pong(Outbound):

@@ -21,6 +21,7 @@ from ..fanout.hub import Hub, Subscriber
 from ..llm.events import LlmBackend
 from ..ops.telemetry import Telemetry
 from ..protocol import Send
+from .files import Files
 from .intake import Intake
 from .live import Live
 from .reads import Reader, Reads
@@ -51,6 +52,7 @@ class Router:
         telemetry = telemetry if telemetry is not None else Telemetry(settings)
         self.leases = leases
         live = Live()
+        self.files = Files(settings=settings, store=store)  # attachments
         tool_loop = ToolLoop(settings=settings, store=store, hub=hub, live=live, tools=tools)
         replies = Replies(
             settings=settings,
@@ -107,6 +109,7 @@ class Router:
 
     async def sweep(self) -> None:
         await self.workers.sweep()
+        await self.files.sweep()  # uploads no message took, past CORTEX_ATTACHMENT_TTL_S
 
     async def drain(self, grace: float) -> None:
         await self.workers.drain(grace)

@@ -16,6 +16,7 @@ from ..protocol import (
     INBOUND_FRAMES,
     Ack,
     Cancel,
+    CancelUpload,
     Configure,
     Conversations,
     Delete,
@@ -27,7 +28,9 @@ from ..protocol import (
     Send,
     Subscribe,
     Unsubscribe,
+    Upload,
 )
+from .uploads import UploadSlot
 
 
 class Client(Protocol):
@@ -35,6 +38,7 @@ class Client(Protocol):
 
     id: int
     owner: str
+    uploads: UploadSlot
 
     def deliver(self, frame: str) -> None: ...
 
@@ -131,6 +135,16 @@ def frame_handlers(router: Router, manager: ConversationManager, hub: Hub) -> Di
     @table.on(Configure)
     async def configure(frame: Configure, client: Client) -> None:
         await manager.configure(client.owner, frame, client)
+
+    # ---- attachments (docs/attachments.md) ----
+
+    @table.on(Upload)
+    async def upload(frame: Upload, client: Client) -> None:
+        await client.uploads.begin(frame)  # answered by `attachment` once its bytes are in
+
+    @table.on(CancelUpload)
+    async def cancel_upload(frame: CancelUpload, client: Client) -> None:
+        await client.uploads.cancel(frame)
 
     missing = table.missing()
     if missing:

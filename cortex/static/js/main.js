@@ -147,6 +147,7 @@ function onFrame(frame) {
     case "pong":
     case "history":
     case "conversations":
+    case "attachment": // an upload's answer (attachments.js waits for it by request_id)
       break; // answers whose request stopped waiting (timed out, or the socket was replaced)
     default:
       break; // a type this page does not know
