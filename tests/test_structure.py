@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "cortex.protocol": {"cortex.errors"},
     "ops": BASE,
     "store": BASE | {"ops"},
-    "llm": BASE | {"ops"},
+    "llm": BASE | {"ops", "attachments"},
     "tools": BASE | {"ops"},
     "fanout": BASE | {"ops"},
     "auth": BASE | {"ops", "store"},

@@ -115,7 +115,7 @@ async def test_a_connection_closed_mid_upload_leaves_nothing(
 
 async def eventually_empty(server: Cortex) -> None:
     async with asyncio.timeout(10):
-        while await stored_rows(server) != (0, 0):
+        while await stored_rows(server) != (0, 0):  # noqa: ASYNC110 - polls the database
             await asyncio.sleep(0.05)
 
 

@@ -15,6 +15,7 @@ from ..errors import NotFound
 from ..fanout.hub import Hub, Subscriber
 from ..protocol import (
     Ack,
+    AttachmentView,
     ConversationsPage,
     ConversationView,
     DeltaFrame,
@@ -23,6 +24,7 @@ from ..protocol import (
     Typing,
     delta_frame,
 )
+from .files import Files
 from .live import Live
 from .views import conversation_view, message_event, message_view
 
@@ -52,7 +54,9 @@ class Reads:
         hub: Hub,
         live: Live,
         leases: RedisLeases | None = None,
+        files: Files | None = None,
     ) -> None:
+        self.files = files  # attachments, shown with their messages
         self.settings = settings
         self.store = store
         self.hub = hub
@@ -89,10 +93,17 @@ class Reads:
                     rows, more = await self.store.messages(
                         conversation_id, after_seq=cursor, limit=CATCH_UP_PAGE
                     )
+                    files = await self.attachments_of(rows)
                     for row in rows:
                         streaming = row.status == "streaming"
                         await client.room()  # long messages go out as the client reads them
-                        client.deliver(message_event(row, content="" if streaming else None))
+                        client.deliver(
+                            message_event(
+                                row,
+                                content="" if streaming else None,
+                                attachments=files.get(row.id),
+                            )
+                        )
                     if not more or not rows:
                         break
                     cursor = rows[-1].seq
@@ -117,8 +128,10 @@ class Reads:
         this process's subscribers every message that changed meanwhile, and the typing state.
         A reply still streaming goes on at offsets past what they have: they resubscribe."""
         deliver = self.hub.deliver_local
-        for row in await self.store.messages_changed_since(conversation_id, since):
-            deliver(conversation_id, message_event(row))
+        rows = await self.store.messages_changed_since(conversation_id, since)
+        files = await self.attachments_of(rows)
+        for row in rows:
+            deliver(conversation_id, message_event(row, attachments=files.get(row.id)))
         active = await self.replying(conversation_id)
         deliver(conversation_id, Typing(conversation_id=conversation_id, active=active).encode())
 
@@ -142,9 +155,18 @@ class Reads:
             text = row.content  # the last checkpoint (Redis lost it, or never had it)
         return row.id, text
 
-    def view(self, row: Message) -> MessageView:
+    def view(self, row: Message, attachments: list[AttachmentView] | None = None) -> MessageView:
         """A stored message as clients see it, with the live text if it is streaming here."""
-        return message_view(row, content=self.live.text_of(row.conversation_id, row.id))
+        return message_view(
+            row, content=self.live.text_of(row.conversation_id, row.id), attachments=attachments
+        )
+
+    async def attachments_of(self, rows: list[Message]) -> dict[str, list[AttachmentView]]:
+        """The attachments of the user messages among `rows`, by message id."""
+        ids = [row.id for row in rows if row.role == "user"]
+        if self.files is None or not ids:
+            return {}
+        return await self.files.views(ids)
 
     async def history(
         self, owner: str, conversation_id: str, *, before_seq: int | None, limit: int
@@ -154,7 +176,8 @@ class Reads:
         rows, more = await self.store.messages(
             conversation_id, before_seq=before_seq, limit=min(limit, self.settings.history_page_max)
         )
-        return [self.view(r) for r in rows], more
+        files = await self.attachments_of(rows)
+        return [self.view(r, files.get(r.id)) for r in rows], more
 
     async def history_frame(
         self,

@@ -55,6 +55,7 @@ class Router:
         self.files = Files(settings=settings, store=store)  # attachments
         tool_loop = ToolLoop(settings=settings, store=store, hub=hub, live=live, tools=tools)
         replies = Replies(
+            files=self.files,
             settings=settings,
             store=store,
             hub=hub,
@@ -77,10 +78,13 @@ class Router:
             hub=hub,
             live=live,
             workers=self.workers,
+            files=self.files,
             tool_names=tool_loop.names,
             telemetry=telemetry,
         )
-        self.reads = Reads(settings=settings, store=store, hub=hub, live=live, leases=leases)
+        self.reads = Reads(
+            settings=settings, store=store, hub=hub, live=live, leases=leases, files=self.files
+        )
 
     async def send(self, owner: str, frame: Send, client: Subscriber) -> None:
         await self.intake.send(owner, frame, client)
