@@ -174,3 +174,27 @@ async def test_a_refused_token_is_said_clearly(start_server: Any, provider: Fake
     child.close()
     assert child.exitstatus == 1
     assert "refused the connection: HTTP 401 (set --token or CORTEX_TOKEN)" in str(child.before)
+
+
+async def test_attach_a_file_to_the_next_message(
+    terminal: Callable[..., Any], provider: FakeOpenAI, tmp_path: Any
+) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the meeting is at noon\n")
+    provider.enqueue(Reply(text="noon it is"))
+    term: Terminal = await terminal()
+    shown = await term.line(f"/attach {notes}")
+    assert "attached notes.txt: text; with your next message: notes.txt" in shown
+    shown = await term.line(f"/attach {tmp_path / 'missing.txt'}")
+    assert "cannot read" in shown
+    binary = tmp_path / "tool.exe"
+    binary.write_bytes(b"MZ" + b"\x00" * 5000)
+    shown = await term.line(f"/attach {binary}")
+    assert "[bad_attachment]" in shown and "executable" in shown
+    shown = await term.line("when is the meeting?")
+    assert "assistant> noon it is" in shown
+    assert provider.requests[-1]["messages"][-1]["content"][1] == {
+        "type": "text",
+        "text": "[Attached file: notes.txt]\nthe meeting is at noon\n",
+    }
+    assert await term.close() == 0

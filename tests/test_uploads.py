@@ -83,6 +83,11 @@ async def test_a_file_over_the_limit_is_refused_at_the_upload_frame(
     assert answer["code"] == "too_large"
     assert await stored_rows(app) == (0, 0)  # nothing was held
     assert (await client.request(type="ping"))["type"] == "pong"
+    # a client that sends the bytes without waiting for the answer is not punished for them
+    answer = await upload(client, b"z" * 10_001, "big.png", piece=1000)
+    assert answer["code"] == "too_large"
+    assert (await client.request(type="ping"))["type"] == "pong"
+    assert not [e for e in client.seen if "no upload" in e.get("message", "")]
 
 
 async def test_the_quota_is_per_user(start_server: Any, connect_to: Any) -> None:

@@ -3,7 +3,8 @@
 One upload at a time. Its binary frames count against its announced size, not the
 connection's rate limits; binary frames with no upload are refused, and the connection is closed
 with 1008 if it keeps sending them. A refused upload's remaining bytes (the client had sent them
-before it heard) are dropped quietly. See docs/attachments.md.
+before it heard) are dropped quietly, and so are the bytes of an `upload` refused at once (too
+large, over the quota): a client need not wait for a go-ahead. See docs/attachments.md.
 """
 
 from __future__ import annotations
@@ -54,7 +55,15 @@ class UploadSlot:
         if self.upload is not None:
             raise BadFrame("an upload is in progress: send its bytes, or cancel_upload")
         self._drain = 0
-        self.upload = await self.files.begin(self.owner, filename=frame.filename, size=frame.size)
+        try:
+            self.upload = await self.files.begin(
+                self.owner, filename=frame.filename, size=frame.size
+            )
+        except CortexError:
+            # The client may send the bytes without waiting for an answer: drop them quietly
+            # (up to twice the largest upload: an announced size is no licence for more).
+            self._drain = min(frame.size, 2 * self.files.settings.max_attachment_bytes)
+            raise
         self.request_id = frame.request_id
 
     async def cancel(self, frame: CancelUpload) -> None:
