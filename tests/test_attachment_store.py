@@ -115,3 +115,20 @@ async def test_an_attachment_two_conversations_share_stays_until_both_go(store: 
     await store.delete_conversation(convs[1], owner="u")
     assert await files.get(shared, owner="u") is None
     assert await _count(store, AttachmentChunk) == 0
+
+
+async def test_an_upload_holds_less_than_a_chunk_whatever_its_frames(
+    store: Store, tmp_path: Path
+) -> None:
+    """A frame may be larger than a chunk: every whole chunk is stored at once (bench/
+    attachments.py found a buffer that grew with the file when only one was)."""
+    from cortex.pipeline.files import Files
+
+    files = Files(settings=make_settings(tmp_path), store=store)
+    upload = await files.begin("u", filename="big.txt", size=4 * 1_048_576)
+    for _ in range(4):
+        await upload.write(b"x" * 1_048_576)
+        assert len(upload._buffer) < CHUNK_BYTES
+    view = await upload.finish()
+    assert view.size == 4 * 1_048_576
+    assert len([c async for c in files.store.chunks(view.id)]) == 16

@@ -61,5 +61,5 @@ def for_model(data: bytes, content_type: str, *, side: int = MODEL_SIDE) -> tupl
             img.convert("RGB").save(out, "JPEG", quality=85)
             return "image/jpeg", out.getvalue()
         saved = img if img.mode in ("RGB", "RGBA", "L", "LA") else img.convert("RGBA")
-        saved.save(out, "PNG")
+        saved.save(out, "PNG", compress_level=1)  # a copy for one request: speed over size
         return "image/png", out.getvalue()

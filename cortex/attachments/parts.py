@@ -46,7 +46,10 @@ def content_parts(
     *,
     scale: Callable[[bytes, str], tuple[str, bytes]] = image.for_model,
 ) -> list[dict[str, Any]]:
-    """The user message's `content`: its text, then each attachment headed by its name."""
+    """The user message's `content`: its text, then each attachment headed by its name.
+
+    Images are passed through `scale` (the pipeline scales them beforehand, in threads, and
+    passes `as_is`)."""
     parts: list[dict[str, Any]] = [{"type": "text", "text": text}]
     for a in attachments:
         if a.kind == "image":
@@ -63,6 +66,10 @@ def content_parts(
         else:
             parts.append({"type": "text", "text": f"{header(a)}\n{a.text or ''}"})
     return parts
+
+
+def as_is(data: bytes, content_type: str) -> tuple[str, bytes]:
+    return content_type, data
 
 
 def describe(content: Any) -> str:

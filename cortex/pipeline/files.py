@@ -7,6 +7,7 @@ The checks themselves are pure and live in `cortex.attachments`; the rows in
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -67,7 +68,7 @@ class Upload:
         self.received += len(data)
         self._sha.update(data)
         self._buffer += data
-        if len(self._buffer) >= CHUNK_BYTES:
+        while len(self._buffer) >= CHUNK_BYTES:  # a frame may hold several chunks
             await self._flush()
 
     async def _flush(self) -> None:
@@ -164,24 +165,29 @@ class Files:
         return {mid: [attachment_view(row) for row in rows] for mid, rows in found.items()}
 
     async def for_model(self, message_ids: Sequence[str]) -> dict[str, list[ModelAttachment]]:
-        """Each message's attachments as the model gets them (images with their bytes)."""
+        """Each message's attachments as the model gets them: images with their bytes, scaled
+        to the providers' limit in threads side by side (Pillow lets go of the GIL)."""
         found = await self.store.of_messages(message_ids)
         out: dict[str, list[ModelAttachment]] = {}
         for message_id, rows in found.items():
-            out[message_id] = [
-                ModelAttachment(
-                    filename=row.filename,
-                    kind=row.kind or "text",
-                    content_type=row.content_type,
-                    width=row.width,
-                    height=row.height,
-                    pages=row.pages,
-                    text=row.text,
-                    data=await self.store.read(row.id) if row.kind == "image" else None,
-                )
-                for row in rows
-            ]
+            out[message_id] = await asyncio.gather(*(self._for_model(row) for row in rows))
         return out
+
+    async def _for_model(self, row: Attachment) -> ModelAttachment:
+        content_type, data = row.content_type, None
+        if row.kind == "image":
+            raw = await self.store.read(row.id)
+            content_type, data = await asyncio.to_thread(image.for_model, raw, row.content_type)
+        return ModelAttachment(
+            filename=row.filename,
+            kind=row.kind or "text",
+            content_type=content_type,
+            width=row.width,
+            height=row.height,
+            pages=row.pages,
+            text=row.text,
+            data=data,
+        )
 
     async def sweep(self) -> int:
         return await self.store.sweep(self.settings.attachment_ttl_s)

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from ..attachments.parts import ModelAttachment, content_parts
+from ..attachments.parts import ModelAttachment, as_is, content_parts
 from ..protocol import AttachmentView, ConversationView, MessageEvent, MessageView, Usage
 
 
@@ -143,7 +143,7 @@ def openai_messages(
                 continue
             out.append(message)
         elif attachments and row.role == "user" and row.id is not None and row.id in attachments:
-            parts = content_parts(row.content, attachments[row.id])
+            parts = content_parts(row.content, attachments[row.id], scale=as_is)  # scaled already
             out.append({"role": "user", "content": parts})
         elif row.content:
             out.append({"role": row.role, "content": row.content})
