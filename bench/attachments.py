@@ -6,7 +6,8 @@ images add to the send path.
     .venv/bin/python bench/attachments.py --json
 
 A `cortex serve` process on a fresh SQLite file (or `--set CORTEX_DATABASE_URL=...`), the fake
-provider in this process. Printed:
+provider in this process, the frame rate burst raised to 1,000 (each upload is one text frame).
+Printed:
 - uploads: N files of 1 MB one after another over one WebSocket, MB/s (each file distinct text,
   so none is deduplicated);
 - one 20 MB upload: MB/s, and the server's RSS before and its peak during it (sampled every
@@ -114,6 +115,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="cortex-bench-") as tmp:
             settings = {
                 "CORTEX_VISION_MODELS": "*",
+                "CORTEX_RATE_BURST": "1000",  # 100 `upload` frames in a few seconds
                 "CORTEX_ATTACHMENT_QUOTA_BYTES": str(10 * 1024**3),
                 "CORTEX_MAX_ATTACHMENT_BYTES": str(max(args.big_mb, 20) * MB),
                 **server_settings(args.set),
@@ -174,7 +176,8 @@ def render(report: dict[str, Any]) -> str:
         [
             f"{report['files']} uploads of 1 MB: {small['mb_per_s']} MB/s ({small['seconds']} s)",
             f"one {big['mb']} MB upload: {big['mb_per_s']} MB/s; "
-            f"server RSS {big['rss_before_mb']} MB before, peak {big['rss_peak_mb']} MB during (+{big['rss_growth_mb']} MB)",
+            f"server RSS {big['rss_before_mb']} MB before, "
+            f"peak {big['rss_peak_mb']} MB during (+{big['rss_growth_mb']} MB)",
             f"send -> provider: {send['no_attachments_ms']} ms with no attachment, "
             f"{send['five_images_ms']} ms with 5 images of {send['image_mb_each']} MB "
             f"(+{send['added_ms']} ms)",
