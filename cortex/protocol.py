@@ -210,7 +210,7 @@ def _validate(data: dict[str, Any], max_message_chars: int) -> Inbound:
     if kind == "send" and isinstance(data.get("content"), str):
         if len(data["content"]) > max_message_chars:
             raise TooLarge(f"message is longer than {max_message_chars} characters")
-        if not data["content"].strip():
+        if not data["content"].strip() and not data.get("attachments"):  # files may speak alone
             raise BadFrame("content must not be empty")
     try:
         return _INBOUND.validate_python(data)

@@ -212,3 +212,16 @@ async def test_unreferenced_uploads_expire(start_server: Any, connect_to: Any) -
         while (await stored_rows(app))[0] != 1:  # noqa: ASYNC110 - the sweep announces nothing
             await asyncio.sleep(0.05)
     assert await app.router.files.store.get(kept, owner="local") is not None
+
+
+async def test_files_may_go_without_text(
+    vision: Cortex, connect_to: Any, provider: FakeOpenAI
+) -> None:
+    client = await connect_to(vision)
+    notes = (await upload(client, b"just this", "notes.txt"))["attachment"]["id"]
+    assert (await client.request(type="send", content="", attachments=[notes]))["type"] == "ack"
+    await client.until_reply()
+    assert provider.requests[-1]["messages"][-1]["content"] == [
+        {"type": "text", "text": "[Attached file: notes.txt]\njust this"}
+    ]
+    assert (await client.request(type="send", content=" "))["code"] == "bad_frame"

@@ -50,7 +50,7 @@ def content_parts(
 
     Images are passed through `scale` (the pipeline scales them beforehand, in threads, and
     passes `as_is`)."""
-    parts: list[dict[str, Any]] = [{"type": "text", "text": text}]
+    parts: list[dict[str, Any]] = [{"type": "text", "text": text}] if text.strip() else []
     for a in attachments:
         if a.kind == "image":
             assert a.data is not None

@@ -72,6 +72,7 @@ function fromView(view) {
     tool_calls: view.tool_calls || null,
     tool_call_id: view.tool_call_id || null,
     error_code: view.error_code || null,
+    attachments: view.attachments || null,
     liveTools: new Map(),
   };
 }
@@ -210,8 +211,9 @@ export class Chat {
   }
 
   /** The user's message, shown before the server has it. */
-  addLocal(text, clientMsgId) {
+  addLocal(text, clientMsgId, attachments = null) {
     const msg = {
+      attachments,
       id: `local:${clientMsgId}`,
       kind: "user",
       role: "user",
@@ -350,10 +352,11 @@ export class Outbox {
   }
 
   /** Queue `text` for `chat` (shown at once as a local message); returns the entry. */
-  add(chat, text) {
+  add(chat, text, attachments = []) {
     const clientMsgId = uuid();
-    const msg = chat.addLocal(text, clientMsgId);
+    const msg = chat.addLocal(text, clientMsgId, attachments.length ? attachments : null);
     const frame = { type: "send", content: text, client_msg_id: clientMsgId };
+    if (attachments.length) frame.attachments = attachments.map((a) => a.id);
     if (chat.id) frame.conversation_id = chat.id;
     const entry = { frame, msg, chat };
     this.entries.set(clientMsgId, entry);
