@@ -88,7 +88,7 @@ async def send_path(
 ) -> float:
     """Seconds from `send` to the provider's receiving the request."""
     rid = f"s{n}-{len(ids)}"
-    frame = {"type": "send", "content": f"describe these {n}", "request_id": rid}
+    frame: dict[str, Any] = {"type": "send", "content": f"describe these {n}", "request_id": rid}
     if ids:
         frame["attachments"] = ids
     before = len(seen)
