@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import random
 import time
 from collections.abc import AsyncIterator
 
@@ -138,7 +139,11 @@ async def test_deep_nesting_is_refused() -> None:
 
 
 def test_the_model_gets_exact_parts_and_the_mock_can_describe_them() -> None:
-    cat = parts.ModelAttachment("cat.png", "image", "image/png", 64, 48, None, None, png())
+    noise = io.BytesIO()
+    Image.frombytes("RGB", (300, 300), random.Random(1).randbytes(270_000)).save(noise, "PNG")
+    photo = noise.getvalue()
+    assert len(photo) * 3 > 128_000  # past Cortex's byte bound: the images are counted
+    cat = parts.ModelAttachment("cat.png", "image", "image/png", 300, 300, None, None, photo)
     notes = parts.ModelAttachment("notes.txt", "text", "text/plain", None, None, None, "hi", None)
     doc = parts.ModelAttachment("doc.pdf", "pdf", "application/pdf", None, None, 3, "", None)
     content = parts.content_parts("look", [cat, notes, doc])
@@ -158,3 +163,28 @@ def test_the_model_gets_exact_parts_and_the_mock_can_describe_them() -> None:
         "1 image (cat.png, 64x48); 1 text file (notes.txt); 1 PDF (doc.pdf, 3 pages, 0 characters)"
     )
     assert parts.text_of(content) == "look"
+
+
+def test_trimming_counts_attachment_text_and_images() -> None:
+    """LiteLLM's trim_messages fails on content parts: Cortex trims those histories itself."""
+    from cortex.config import Settings
+    from cortex.llm.service import LlmService
+
+    llm = LlmService(Settings(_env_file=None))  # type: ignore[call-arg]
+    old = [
+        {"role": "user", "content": "old question " * 10_000},
+        {"role": "assistant", "content": "old answer"},
+    ]
+    big = parts.ModelAttachment(
+        "a.txt", "text", "text/plain", None, None, None, "w " * 120_000, None
+    )
+    noise = io.BytesIO()
+    Image.frombytes("RGB", (300, 300), random.Random(1).randbytes(270_000)).save(noise, "PNG")
+    photo = noise.getvalue()
+    assert len(photo) * 3 > 128_000  # past Cortex's byte bound: the images are counted
+    cat = parts.ModelAttachment("cat.png", "image", "image/png", 300, 300, None, None, photo)
+    heavy = {"role": "user", "content": parts.content_parts("look", [big])}
+    trimmed = llm.trim([*old, heavy], "gpt-4o-mini")  # 128k window: the file fills most of it
+    assert trimmed == [heavy]
+    light = {"role": "user", "content": parts.content_parts("look", [cat, cat, cat])}
+    assert llm.trim([*old, light], "gpt-4o-mini") == [*old, light]  # images: ~1,100 tokens each
