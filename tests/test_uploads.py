@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from attach_client import stored_rows, upload
-from attach_samples import encrypted_pdf, pdf, png, png_bomb
+from attach_samples import encrypted_pdf, pdf, pdf_bomb, png, png_bomb
 from conftest import Client
 
 from cortex.app import Cortex
@@ -170,3 +170,19 @@ async def test_upload_frames_do_not_count_against_the_rate_limits(
     data = b"x" * 200_000
     answer = await upload(client, data, "a.txt", piece=8_000)  # 25 frames, 200 KB
     assert answer["type"] == "attachment", answer
+
+
+async def test_a_pdf_being_read_does_not_hold_the_connection(client: Client) -> None:
+    """A PDF's text takes seconds (here a bomb: 7 s of pypdf): the connection goes on meanwhile,
+    and the answer comes when the worker is done."""
+    await client.send(type="upload", filename="bomb.pdf", size=len(BOMB), request_id="u")
+    await client.ws.send(BOMB)
+    assert (await client.request(type="ping"))["type"] == "pong"
+    second = await client.request(type="upload", filename="b.txt", size=3)
+    assert second["code"] == "bad_frame" and "still being checked" in second["message"]
+    answer = (await client.until(lambda e: e.get("request_id") == "u", timeout=30))[-1]
+    assert answer["code"] == "bad_attachment"
+    assert client.seen.index(answer) > client.seen.index(second)
+
+
+BOMB = pdf_bomb()

@@ -9,6 +9,7 @@ large, over the quota): a client need not wait for a go-ahead. See docs/attachme
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -42,6 +43,7 @@ class UploadSlot:
         self.close = close
         self.upload: Upload | None = None
         self.request_id: str | None = None
+        self._finishing: asyncio.Task[None] | None = None  # an upload's last checks
         self._drain = 0  # bytes of a refused upload still on their way: dropped quietly
         self._strikes = 0
 
@@ -54,6 +56,8 @@ class UploadSlot:
             raise Unavailable("this server takes no attachments")
         if self.upload is not None:
             raise BadFrame("an upload is in progress: send its bytes, or cancel_upload")
+        if self._finishing is not None:
+            raise BadFrame("the last upload is still being checked: wait for its answer")
         self._drain = 0
         try:
             self.upload = await self.files.begin(
@@ -75,6 +79,10 @@ class UploadSlot:
         upload, self.upload = self.upload, None
         if upload is not None:
             await upload.discard()
+        finishing = self._finishing
+        if finishing is not None:
+            finishing.cancel()
+            await asyncio.gather(finishing, return_exceptions=True)
 
     async def binary(self, data: bytes) -> None:
         """The next bytes of the upload, or a stray frame."""
@@ -93,20 +101,35 @@ class UploadSlot:
         self._strikes = 0
         try:
             await upload.write(data)
-            if not upload.complete:
-                return
-            self.upload = None
-            attachment = await upload.finish()
         except Exception as exc:
             self.upload = None
             self._drain = max(0, upload.size - upload.received)
-            await upload.discard()
-            if not isinstance(exc, CortexError):
-                log.exception("upload failed")
-                exc = Internal("internal error while storing the upload")
-            self._error(exc, self.request_id)
+            await self._failed(upload, exc, self.request_id)
             return
-        self.deliver(AttachmentEvent(attachment=attachment, request_id=self.request_id).encode())
+        if upload.complete:
+            # The last checks (a PDF's text: seconds) run beside the connection's other frames.
+            self.upload = None
+            self._finishing = asyncio.create_task(self._finish(upload, self.request_id))
+
+    async def _finish(self, upload: Upload, request_id: str | None) -> None:
+        try:
+            attachment = await upload.finish()
+        except asyncio.CancelledError:
+            await asyncio.shield(upload.discard())  # the connection closed meanwhile
+            raise
+        except Exception as exc:
+            await self._failed(upload, exc, request_id)
+            return
+        finally:
+            self._finishing = None
+        self.deliver(AttachmentEvent(attachment=attachment, request_id=request_id).encode())
+
+    async def _failed(self, upload: Upload, exc: Exception, request_id: str | None) -> None:
+        await upload.discard()
+        if not isinstance(exc, CortexError):
+            log.exception("upload failed", exc_info=exc)
+            exc = Internal("internal error while storing the upload")
+        self._error(exc, request_id)
 
     def _error(self, exc: CortexError, request_id: str | None) -> None:
         self.deliver(ErrorEvent(code=exc.code, message=exc.message, request_id=request_id).encode())

@@ -60,6 +60,7 @@ export class Tray {
   async upload(item) {
     if (item.removed) return;
     const { file } = item;
+    this.conn.uploading = true; // the heartbeat waits: the server answers no ping mid-upload
     try {
       if (!this.conn.isOpen || !this.conn.ws) throw { code: "disconnected", message: "not connected" };
       const ws = this.conn.ws;
@@ -82,6 +83,8 @@ export class Tray {
       item.sent = file.size;
     } catch (err) {
       item.error = { code: err.code || "error", message: err.message || "upload failed" };
+    } finally {
+      this.conn.uploading = false;
     }
     this.render();
   }
