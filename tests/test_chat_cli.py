@@ -197,4 +197,6 @@ async def test_attach_a_file_to_the_next_message(
         "type": "text",
         "text": "[Attached file: notes.txt]\nthe meeting is at noon\n",
     }
+    shown = await term.line("/history")
+    assert "you: when is the meeting? [notes.txt]" in shown
     assert await term.close() == 0
