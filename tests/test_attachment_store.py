@@ -132,3 +132,22 @@ async def test_an_upload_holds_less_than_a_chunk_whatever_its_frames(
     view = await upload.finish()
     assert view.size == 4 * 1_048_576
     assert len([c async for c in files.store.chunks(view.id)]) == 16
+
+
+async def test_the_same_bytes_finishing_at_once_are_stored_once(store: Store) -> None:
+    import hashlib
+
+    files = AttachmentStore(store)
+    data = b"raced bytes"
+    pending = []
+    for _ in range(4):
+        attachment_id = await files.create(owner="u", filename="r.txt", size=len(data))
+        await files.add_chunk(attachment_id, 0, data)
+        pending.append(attachment_id)
+    sha = hashlib.sha256(data).hexdigest()
+    rows = await asyncio.gather(
+        *(files.finish(p, owner="u", sha256=sha, kind="text") for p in pending)
+    )
+    assert len({row.id for row in rows}) == 1
+    assert await _count(store, Attachment) == 1
+    assert await _count(store, AttachmentChunk) == 1

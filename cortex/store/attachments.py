@@ -15,6 +15,7 @@ from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from .models import Attachment, AttachmentChunk, Message, MessageAttachment, utcnow
+from .statements import StoreConflict
 
 CHUNK_BYTES = 256 * 1024
 T = TypeVar("T")
@@ -92,7 +93,12 @@ class AttachmentStore:
             assert row is not None
             return row
 
-        return await self._run(settle)
+        try:
+            return await self._run(settle)
+        except StoreConflict:
+            # The same bytes finished at the same moment on another connection (the unique
+            # index said so): this time the other copy is found, and this one goes.
+            return await self._run(settle)
 
     async def discard(self, attachment_id: str) -> None:
         await self._run(lambda session: _drop(session, [attachment_id]))
