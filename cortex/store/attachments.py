@@ -11,13 +11,18 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
 from typing import Protocol, TypeVar
 
-from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy import bindparam, delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from .models import Attachment, AttachmentChunk, Message, MessageAttachment, utcnow
-from .statements import StoreConflict
+from .statements import StoreConflict, core
 
 CHUNK_BYTES = 256 * 1024
+_LINKS = (
+    select(MessageAttachment.message_id, MessageAttachment.attachment_id)
+    .where(MessageAttachment.message_id.in_(bindparam("ids", expanding=True)))
+    .order_by(MessageAttachment.message_id, MessageAttachment.position)
+)
 T = TypeVar("T")
 
 
@@ -124,19 +129,30 @@ class AttachmentStore:
         return [rows[i] for i in ids] if all(i in rows for i in ids) else None
 
     async def of_messages(self, message_ids: Sequence[str]) -> dict[str, list[Attachment]]:
-        """Each message's attachments, in order (messages with none are left out)."""
+        """Each message's attachments, in order (messages with none are left out).
+
+        On every reply's way (its context's user messages): a prebuilt Core statement finds the
+        links, and rows are loaded only when there are some (0.74 ms a lookup before, on SQLite).
+        """
         if not message_ids:
             return {}
-        query = (
-            select(MessageAttachment.message_id, Attachment)
-            .join(Attachment, Attachment.id == MessageAttachment.attachment_id)
-            .where(MessageAttachment.message_id.in_(list(message_ids)))
-            .order_by(MessageAttachment.message_id, MessageAttachment.position)
-        )
-        out: dict[str, list[Attachment]] = {}
-        for message_id, row in await self._run(lambda s: s.execute(query).all()):
-            out.setdefault(message_id, []).append(row)
-        return out
+
+        def read(session: Session) -> dict[str, list[Attachment]]:
+            links = core(session).execute(_LINKS, {"ids": list(message_ids)}).all()
+            if not links:
+                return {}
+            ids = {attachment_id for _, attachment_id in links}
+            rows = {
+                row.id: row
+                for row in session.scalars(select(Attachment).where(Attachment.id.in_(ids)))
+            }
+            out: dict[str, list[Attachment]] = {}
+            for message_id, attachment_id in links:
+                if attachment_id in rows:
+                    out.setdefault(message_id, []).append(rows[attachment_id])
+            return out
+
+        return await self._run(read)
 
     async def sweep(self, ttl_s: float) -> int:
         """Remove uploads no message refers to, older than `ttl_s` (pending ones left by a
