@@ -189,7 +189,8 @@ class Replies:
 
     async def _model_messages(self, context: list[ContextMessage]) -> list[dict[str, Any]]:
         """The context in OpenAI's format, user messages with attachments as content parts
-        (built in a thread: scaling an image down is Pillow's work, not the loop's)."""
+        (images come scaled from `Files.for_model`; their base64, megabytes, is made in a
+        thread rather than on the loop)."""
         ids = [row.id for row in context if row.role == "user" and row.id is not None]
         found = await self.files.for_model(ids) if self.files is not None and ids else {}
         if not found:
