@@ -72,6 +72,7 @@ class Send(Inbound):
         Annotated[list[Annotated[str, StringConstraints(max_length=64)]], Field(max_length=64)]
         | None
     ) = None
+    attachments: Annotated[list[Id], Field(max_length=100)] | None = None  # uploaded ids
 
 
 class Subscribe(Inbound):
@@ -208,6 +209,24 @@ class Search(Inbound):
     before: Annotated[str, StringConstraints(max_length=64)] | None = None
 
 
+# ---- attachments (docs/attachments.md) ----
+
+
+class Upload(Inbound):
+    """Announce a file; its `size` bytes follow as binary frames, answered by `attachment`."""
+
+    type: Literal["upload"]
+    filename: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    content_type: Annotated[str, StringConstraints(max_length=100)] | None = None  # a hint only
+    size: Annotated[int, Field(ge=1, le=2**53)]
+
+
+class CancelUpload(Inbound):
+    """Abandon the upload in progress (its bytes so far are dropped)."""
+
+    type: Literal["cancel_upload"]
+
+
 # Every inbound class above is registered by now: the parser is built from the registry.
 INBOUND_TYPES = frozenset(INBOUND_FRAMES)
 _INBOUND: TypeAdapter[Inbound] = TypeAdapter(
@@ -262,7 +281,7 @@ def _validate(data: dict[str, Any], max_message_chars: int) -> Inbound:
     if kind in ("send", "edit") and isinstance(data.get("content"), str):
         if len(data["content"]) > max_message_chars:
             raise TooLarge(f"message is longer than {max_message_chars} characters")
-        if not data["content"].strip():
+        if not data["content"].strip() and not data.get("attachments"):  # files may speak alone
             raise BadFrame("content must not be empty")
     try:
         return _INBOUND.validate_python(data)
@@ -321,6 +340,19 @@ class Usage(BaseModel):
     cost_usd: float | None = None
 
 
+class AttachmentView(BaseModel):
+    """An uploaded file as clients see it; `kind` is image, text or pdf."""
+
+    id: str
+    filename: str
+    content_type: str
+    size: int
+    kind: Literal["image", "text", "pdf"]
+    width: int | None = None
+    height: int | None = None
+    pages: int | None = None
+
+
 class MessageView(BaseModel):
     """A stored message as clients see it."""
 
@@ -339,6 +371,7 @@ class MessageView(BaseModel):
     usage: Usage | None = None
     finish_reason: str | None = None
     error_code: str | None = None
+    attachments: list[AttachmentView] | None = None
 
 
 class ConversationView(BaseModel):
@@ -479,6 +512,14 @@ class SearchResults(Outbound):
     def encode(self) -> str:
         # A hit's nulls are part of its shape (a title hit has no seq), so they are kept.
         return self.model_dump_json(exclude={"request_id"} if self.request_id is None else None)
+
+
+class AttachmentEvent(Outbound):
+    """An upload is complete and checked: the id a `send` may carry."""
+
+    type: Literal["attachment"] = "attachment"
+    attachment: AttachmentView
+    request_id: str | None = None
 
 
 class Pong(Outbound):

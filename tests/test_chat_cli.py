@@ -227,4 +227,29 @@ async def test_search_command_lists_hits_with_their_matches_marked(
     assert "(no hits)" in shown
     shown = await term.line("/search " + "x" * 1001)
     assert "[too_large]" in shown
+
+
+async def test_attach_a_file_to_the_next_message(
+    terminal: Callable[..., Any], provider: FakeOpenAI, tmp_path: Any
+) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the meeting is at noon\n")
+    provider.enqueue(Reply(text="noon it is"))
+    term: Terminal = await terminal()
+    shown = await term.line(f"/attach {notes}")
+    assert "attached notes.txt: text; with your next message: notes.txt" in shown
+    shown = await term.line(f"/attach {tmp_path / 'missing.txt'}")
+    assert "cannot read" in shown
+    binary = tmp_path / "tool.exe"
+    binary.write_bytes(b"MZ" + b"\x00" * 5000)
+    shown = await term.line(f"/attach {binary}")
+    assert "[bad_attachment]" in shown and "executable" in shown
+    shown = await term.line("when is the meeting?")
+    assert "assistant> noon it is" in shown
+    assert provider.requests[-1]["messages"][-1]["content"][1] == {
+        "type": "text",
+        "text": "[Attached file: notes.txt]\nthe meeting is at noon\n",
+    }
+    shown = await term.line("/history")
+    assert "you: when is the meeting? [notes.txt]" in shown
     assert await term.close() == 0

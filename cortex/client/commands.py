@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from .view import Screen, Transcript
@@ -28,6 +30,10 @@ class Session(Protocol):
 
     async def send_message(self, content: str) -> None: ...
 
+    async def upload(self, data: bytes, filename: str) -> dict[str, Any] | None: ...
+
+    attached: list[dict[str, Any]]
+
 
 HISTORY_LINES = 20
 HELP = """commands:
@@ -46,6 +52,7 @@ HELP = """commands:
   /switch N        go to branch N of /branches
   /delete N        delete branch N of /branches (and everything beneath it)
   /fork            a new conversation with a copy of this one's path
+  /attach PATH     attach a file (image, text, PDF) to your next message
   /help            this list
   /quit            leave (or Ctrl+D; Ctrl+C twice)
 A line starting with // sends the rest of it, starting with /."""
@@ -72,6 +79,7 @@ class Commands:
             "branches": self.branches,
             "switch": self.switch,
             "fork": self.fork,
+            "attach": self.attach,
         }
         self.alternatives: list[str] = []  # the branches /branches numbered
 
@@ -223,6 +231,32 @@ class Commands:
             return
         await client.request(
             {"type": "rename", "conversation_id": client.conversation_id, "title": argument}
+        )
+
+    async def attach(self, argument: str) -> None:
+        """Upload a file now; it goes with the next message."""
+        client = self.client
+        if not argument:
+            client.screen.note("usage: /attach PATH (then type your message)")
+            return
+        path = Path(argument)
+        try:
+            data = await asyncio.to_thread(lambda: path.expanduser().read_bytes())
+        except OSError as exc:
+            client.screen.note(f"(cannot read {path}: {exc.strerror or exc})")
+            return
+        attachment = await client.upload(data, path.name)
+        if attachment is None:
+            return
+        client.attached.append(attachment)
+        what = attachment["kind"]
+        if attachment.get("width"):
+            what += f" {attachment['width']}x{attachment['height']}"
+        elif attachment.get("pages"):
+            what += f", {attachment['pages']} pages"
+        names = ", ".join(a["filename"] for a in client.attached)
+        client.screen.note(
+            f"(attached {attachment['filename']}: {what}; with your next message: {names})"
         )
 
     async def delete(self, argument: str) -> None:

@@ -153,7 +153,7 @@ class Transcript:
             return
         self._shown.add(seq)
         if role == "user" and seq not in self.mine:
-            self.screen.line(f"you (another client): {message['content']}")
+            self.screen.line(f"you (another client): {message['content']}{_files(message)}")
         elif role == "tool":
             pass  # announced by tool_call / tool_result
 
@@ -212,7 +212,13 @@ class Transcript:
                 if message["status"] != "complete":
                     self.screen.note(f"  [reply {message['status']}]")
             elif role == "user":
-                self.screen.line(f"{SAID}{content}")
+                self.screen.line(f"{SAID}{content}{_files(message)}")
+
+
+def _files(message: dict[str, Any]) -> str:
+    """A message's attachments as the terminal shows them: " [cat.png, notes.txt]"."""
+    names = [str(a.get("filename")) for a in message.get("attachments") or ()]
+    return f" [{', '.join(names)}]" if names else ""
 
 
 def _short(value: Any, limit: int = 80) -> str:

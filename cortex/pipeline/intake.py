@@ -12,13 +12,16 @@ from typing import TYPE_CHECKING, Any
 from ..config import Settings
 from ..errors import BadFrame, NotFound
 from ..fanout.hub import Hub, Subscriber, user_topic
+from ..llm.vision import takes_images
 from ..ops.telemetry import Telemetry
 from ..protocol import Ack, Send
+from .files import Files, attachment_view
 from .live import Live
 from .views import listed_event, message_event
 from .workers import Workers
 
 if TYPE_CHECKING:
+    from ..store.models import Attachment
     from ..store.repo import Store
 
 
@@ -35,7 +38,9 @@ class Intake:
         workers: Workers,
         tool_names: Container[str],
         telemetry: Telemetry,
+        files: Files | None = None,
     ) -> None:
+        self.files = files
         self.settings = settings
         self.store = store
         self.hub = hub
@@ -55,8 +60,31 @@ class Intake:
         unknown = [name for name in tools or () if name not in self.tool_names]
         if unknown:
             raise BadFrame(f"unknown tools: {', '.join(unknown)}")
+        attached = await self._attachments(owner, frame, model)
         with self.workers.accepting():  # Unavailable once the server is shutting down
-            await self._store(owner, frame, client, model, tools)
+            await self._store(owner, frame, client, model, tools, attached)
+
+    async def _attachments(self, owner: str, frame: Send, model: str | None) -> list[Attachment]:
+        """The attachments the frame names: the owner's, and images only for a model that
+        takes them (checked before anything is stored)."""
+        if not frame.attachments:
+            return []
+        if self.files is None:
+            raise BadFrame("this server takes no attachments")
+        rows = await self.files.for_send(owner, frame.attachments)
+        if any(row.kind == "image" for row in rows):
+            if model is None and frame.conversation_id is not None:
+                conv = await self.store.get_conversation(frame.conversation_id, owner=owner)
+                if conv is None:
+                    raise NotFound("no such conversation")
+                model = conv.model
+            model = model or self.settings.model()
+            if not takes_images(model, self.settings.vision_models):
+                raise BadFrame(
+                    f"model {model!r} does not take images: pick a vision model, or add it to "
+                    "CORTEX_VISION_MODELS if it takes them"
+                )
+        return rows
 
     async def _store(
         self,
@@ -65,6 +93,7 @@ class Intake:
         client: Subscriber,
         model: str | None,
         tools: tuple[str, ...] | None,
+        attached: list[Attachment],
     ) -> None:
         connection_id = getattr(client, "id", None)
         lock: contextlib.AbstractAsyncContextManager[Any]
@@ -94,6 +123,7 @@ class Intake:
                     request_id=frame.request_id,
                     connection_id=connection_id,
                 ),
+                attachment_ids=[row.id for row in attached],
             )
             if stored is None:
                 raise NotFound("no such conversation")
@@ -113,7 +143,8 @@ class Intake:
             )
             if not stored.created:
                 return  # an idempotent retry: acknowledged again, nothing else
-            self.hub.publish(conv.id, message_event(message))
+            views = [attachment_view(row) for row in attached]
+            self.hub.publish(conv.id, message_event(message, attachments=views))
         if frame.conversation_id is None:
             await self.hub.watch(conv.id)
             # Other tabs' sidebars (the sender has its ack).

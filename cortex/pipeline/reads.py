@@ -15,6 +15,7 @@ from ..errors import NotFound
 from ..fanout.hub import USER_TOPIC, Hub, Subscriber
 from ..protocol import (
     Ack,
+    AttachmentView,
     ConversationsPage,
     ConversationView,
     DeltaFrame,
@@ -27,6 +28,7 @@ from ..protocol import (
     delta_frame,
 )
 from ..search.service import run_search
+from .files import Files
 from .live import Live
 from .views import conversation_view, message_event, message_view, search_hit
 
@@ -56,7 +58,9 @@ class Reads:
         hub: Hub,
         live: Live,
         leases: RedisLeases | None = None,
+        files: Files | None = None,
     ) -> None:
+        self.files = files  # attachments, shown with their messages
         self.settings = settings
         self.store = store
         self.hub = hub
@@ -95,6 +99,7 @@ class Reads:
                     rows, siblings = await self.store.messages_by_ids(
                         conversation_id, owed[start : start + CATCH_UP_PAGE]
                     )
+                    files = await self.attachments_of(rows)
                     for row in rows:
                         streaming = row.status == "streaming"
                         await client.room()  # long messages go out as the client reads them
@@ -103,6 +108,7 @@ class Reads:
                                 row,
                                 content="" if streaming else None,
                                 sibling_ids=siblings.get(row.parent_id),
+                                attachments=files.get(row.id),
                             )
                         )
             if await self.replying(conversation_id):
@@ -128,8 +134,10 @@ class Reads:
         if conversation_id.startswith(USER_TOPIC):
             return  # a user's topic, not a conversation: it has no stored messages
         deliver = self.hub.deliver_local
-        for row in await self.store.messages_changed_since(conversation_id, since):
-            deliver(conversation_id, message_event(row))
+        rows = await self.store.messages_changed_since(conversation_id, since)
+        files = await self.attachments_of(rows)
+        for row in rows:
+            deliver(conversation_id, message_event(row, attachments=files.get(row.id)))
         active = await self.replying(conversation_id)
         deliver(conversation_id, Typing(conversation_id=conversation_id, active=active).encode())
 
@@ -153,11 +161,26 @@ class Reads:
             text = row.content  # the last checkpoint (Redis lost it, or never had it)
         return row.id, text
 
-    def view(self, row: Message, sibling_ids: list[str] | None = None) -> MessageView:
+    def view(
+        self,
+        row: Message,
+        sibling_ids: list[str] | None = None,
+        attachments: list[AttachmentView] | None = None,
+    ) -> MessageView:
         """A stored message as clients see it, with the live text if it is streaming here."""
         return message_view(
-            row, content=self.live.text_of(row.conversation_id, row.id), sibling_ids=sibling_ids
+            row,
+            content=self.live.text_of(row.conversation_id, row.id),
+            sibling_ids=sibling_ids,
+            attachments=attachments,
         )
+
+    async def attachments_of(self, rows: list[Message]) -> dict[str, list[AttachmentView]]:
+        """The attachments of the user messages among `rows`, by message id."""
+        ids = [row.id for row in rows if row.role == "user"]
+        if self.files is None or not ids:
+            return {}
+        return await self.files.views(ids)
 
     async def history(
         self,
@@ -186,7 +209,10 @@ class Reads:
         )
         if page is None:
             raise NotFound("no such message in this conversation")
-        return [self.view(r, page.siblings.get(r.parent_id)) for r in page.rows], page.more
+        files = await self.attachments_of(page.rows)
+        return [
+            self.view(r, page.siblings.get(r.parent_id), files.get(r.id)) for r in page.rows
+        ], page.more
 
     async def history_frame(
         self,

@@ -22,6 +22,7 @@ from ..llm.events import LlmBackend
 from ..ops.telemetry import Telemetry
 from ..protocol import Send
 from .branches import Branches
+from .files import Files
 from .intake import Intake
 from .live import Live
 from .reads import Reader, Reads
@@ -52,8 +53,10 @@ class Router:
         telemetry = telemetry if telemetry is not None else Telemetry(settings)
         self.leases = leases
         live = Live()
+        self.files = Files(settings=settings, store=store)  # attachments
         tool_loop = ToolLoop(settings=settings, store=store, hub=hub, live=live, tools=tools)
         replies = Replies(
+            files=self.files,
             settings=settings,
             store=store,
             hub=hub,
@@ -76,10 +79,13 @@ class Router:
             hub=hub,
             live=live,
             workers=self.workers,
+            files=self.files,
             tool_names=tool_loop.names,
             telemetry=telemetry,
         )
-        self.reads = Reads(settings=settings, store=store, hub=hub, live=live, leases=leases)
+        self.reads = Reads(
+            settings=settings, store=store, hub=hub, live=live, leases=leases, files=self.files
+        )
         self.branches = Branches(
             settings=settings, store=store, hub=hub, live=live, workers=self.workers
         )
@@ -111,6 +117,7 @@ class Router:
 
     async def sweep(self) -> None:
         await self.workers.sweep()
+        await self.files.sweep()  # uploads no message took, past CORTEX_ATTACHMENT_TTL_S
 
     async def drain(self, grace: float) -> None:
         await self.workers.drain(grace)

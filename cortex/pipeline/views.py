@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from ..attachments.parts import ModelAttachment, as_is, content_parts
 from ..protocol import (
+    AttachmentView,
     ConversationEvent,
     ConversationView,
     MessageEvent,
@@ -47,6 +49,8 @@ class ModelMessageRow(Protocol):
     def tool_calls(self) -> list[dict[str, Any]] | None: ...
     @property
     def tool_call_id(self) -> str | None: ...
+    @property
+    def id(self) -> str | None: ...
 
 
 class ConversationRow(Protocol):
@@ -70,7 +74,11 @@ def iso(moment: datetime) -> str:
 
 
 def message_view(
-    row: MessageRow, *, content: str | None = None, sibling_ids: list[str] | None = None
+    row: MessageRow,
+    *,
+    content: str | None = None,
+    sibling_ids: list[str] | None = None,
+    attachments: list[AttachmentView] | None = None,
 ) -> MessageView:
     has_usage = row.prompt_tokens is not None or row.completion_tokens is not None
     return MessageView.model_construct(
@@ -94,16 +102,23 @@ def message_view(
         else None,
         finish_reason=row.finish_reason,
         error_code=row.error_code,
+        attachments=attachments or None,
     )
 
 
 def message_event(
-    row: MessageRow, *, content: str | None = None, sibling_ids: list[str] | None = None
+    row: MessageRow,
+    *,
+    content: str | None = None,
+    sibling_ids: list[str] | None = None,
+    attachments: list[AttachmentView] | None = None,
 ) -> str:
     return MessageEvent.model_construct(
         conversation_id=row.conversation_id,
         seq=row.seq,
-        message=message_view(row, content=content, sibling_ids=sibling_ids),
+        message=message_view(
+            row, content=content, sibling_ids=sibling_ids, attachments=attachments
+        ),
     ).encode()
 
 
@@ -145,8 +160,13 @@ def search_hit(hit: Hit) -> SearchHit:
     )
 
 
-def openai_messages(rows: Sequence[ModelMessageRow]) -> list[dict[str, Any]]:
+def openai_messages(
+    rows: Sequence[ModelMessageRow],
+    attachments: Mapping[str, list[ModelAttachment]] | None = None,
+) -> list[dict[str, Any]]:
     """History in the order providers require: each assistant tool call followed by its result.
+
+    A user message with attachments (by its id in `attachments`) gets content parts.
 
     A tool call whose result was never stored (a reply cancelled mid-tools) is left out, since
     providers refuse a call without a result.
@@ -164,6 +184,9 @@ def openai_messages(rows: Sequence[ModelMessageRow]) -> list[dict[str, Any]]:
             elif not row.content:
                 continue
             out.append(message)
+        elif attachments and row.role == "user" and row.id is not None and row.id in attachments:
+            parts = content_parts(row.content, attachments[row.id], scale=as_is)  # scaled already
+            out.append({"role": "user", "content": parts})
         elif row.content:
             out.append({"role": row.role, "content": row.content})
     return out

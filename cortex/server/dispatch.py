@@ -16,6 +16,7 @@ from ..protocol import (
     INBOUND_FRAMES,
     Ack,
     Cancel,
+    CancelUpload,
     Configure,
     Conversations,
     Delete,
@@ -33,7 +34,9 @@ from ..protocol import (
     Subscribe,
     SwitchBranch,
     Unsubscribe,
+    Upload,
 )
+from .uploads import UploadSlot
 
 
 class Client(Protocol):
@@ -41,6 +44,7 @@ class Client(Protocol):
 
     id: int
     owner: str
+    uploads: UploadSlot
 
     def deliver(self, frame: str) -> None: ...
 
@@ -165,6 +169,16 @@ def frame_handlers(router: Router, manager: ConversationManager, hub: Hub) -> Di
     @table.on(Search)
     async def search(frame: Search, client: Client) -> None:
         client.deliver(await router.reads.search_frame(client.owner, frame))
+
+    # ---- attachments (docs/attachments.md) ----
+
+    @table.on(Upload)
+    async def upload(frame: Upload, client: Client) -> None:
+        await client.uploads.begin(frame)  # answered by `attachment` once its bytes are in
+
+    @table.on(CancelUpload)
+    async def cancel_upload(frame: CancelUpload, client: Client) -> None:
+        await client.uploads.cancel(frame)
 
     missing = table.missing()
     if missing:

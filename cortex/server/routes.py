@@ -6,9 +6,10 @@ Served from websockets' `process_request` hook, so one port and one process serv
 from __future__ import annotations
 
 import mimetypes
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 from websockets.http11 import Request, Response
 
@@ -21,7 +22,7 @@ from .responses import error_response, json_response, respond
 WS_PATH = "/ws"
 MAX_SEQ = 2**53  # as in the protocol: what a JSON number holds exactly, and any database
 _PAGE_CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
     "connect-src 'self' ws: wss:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
 
@@ -64,6 +65,8 @@ class HttpRoutes:
         parts = path.strip("/").split("/")
         if parts == ["api", "search"]:
             return await self.search(query, owner)
+        if len(parts) == 3 and parts[:2] == ["api", "attachments"]:
+            return await self.attachment(parts[2], owner)
         if len(parts) == 4 and parts[:2] == ["api", "conversations"] and parts[3] == "export":
             return await self.export(parts[2], query, owner)
         try:
@@ -140,9 +143,35 @@ class HttpRoutes:
         if fmt not in export.FORMATS:
             return error_response(400, "bad_frame", "format must be json or md")
         conv, rows = await self.reads.whole_conversation(owner, conversation_id)
-        body = export.render(conv, rows, fmt)
+        files = await self.reads.attachments_of(rows)
+        data: dict[str, bytes] | None = None
+        if query.get("attachments", ["0"])[0] == "1" and fmt == "json" and self.reads.files:
+            ids = {a.id for views in files.values() for a in views}
+            data = {i: await self.reads.files.store.read(i) for i in sorted(ids)}
+        body = export.render(conv, rows, fmt, attachments=files, data=data)
         disposition = f'attachment; filename="{export.filename(conv, fmt)}"'
         return respond(200, body, export.content_type(fmt), (("Content-Disposition", disposition),))
+
+    async def attachment(self, attachment_id: str, owner: str) -> Response:
+        """An attachment's bytes, to its owner only. Images go out with their sniffed type;
+        everything else (an SVG included: it is text here) as a download, so a browser never
+        runs a file someone uploaded."""
+        files = self.reads.files
+        row = await files.store.get(attachment_id, owner=owner) if files is not None else None
+        if files is None or row is None:
+            return error_response(404, "not_found", "no such attachment")
+        body = await files.store.read(row.id)
+        disposition = "inline" if row.kind == "image" else "attachment"
+        content_type = row.content_type if row.kind == "image" else _download_type(row.kind)
+        ascii_name = re.sub(r"[^A-Za-z0-9._-]+", "_", row.filename)[:100] or "file"
+        headers = (
+            (
+                "Content-Disposition",
+                f"{disposition}; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(row.filename)}",
+            ),
+            ("Content-Security-Policy", "default-src 'none'; sandbox"),
+        )
+        return respond(200, body, content_type, headers)
 
     def static(self, path: str) -> Response:
         root = self.settings.static_dir.resolve()
@@ -159,6 +188,10 @@ class HttpRoutes:
         if target.suffix == ".html":
             extra = (("Content-Security-Policy", _PAGE_CSP), ("X-Frame-Options", "DENY"))
         return respond(200, target.read_bytes(), content_type, extra)
+
+
+def _download_type(kind: str | None) -> str:
+    return "application/pdf" if kind == "pdf" else "text/plain; charset=utf-8"
 
 
 def _content_type(path: Path) -> str:

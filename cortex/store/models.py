@@ -7,7 +7,18 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -99,3 +110,58 @@ class Token(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# ---- attachments (docs/attachments.md) -------------------------------------------------------
+
+
+class Attachment(Base):
+    """An uploaded file: `pending` while its bytes arrive, then `ready`.
+
+    Content-addressed per owner: (owner, sha256) is unique, so one user's same file is stored
+    once; another user's identical file is a row of its own (nobody learns what others hold).
+    """
+
+    __tablename__ = "attachments"
+    __table_args__ = (Index("ix_attachments_owner_sha256", "owner", "sha256", unique=True),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    sha256: Mapped[str | None] = mapped_column(String(64))  # set when the upload is complete
+    status: Mapped[str] = mapped_column(String(8), default="pending")
+    filename: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(100), default="application/octet-stream")
+    kind: Mapped[str | None] = mapped_column(String(8))
+    size: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    pages: Mapped[int | None] = mapped_column(Integer)
+    text: Mapped[str | None] = mapped_column(Text)  # text files and PDFs: what search indexes
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AttachmentChunk(Base):
+    """The bytes, in rows of `CHUNK_BYTES`: no side ever holds a whole file as one parameter."""
+
+    __tablename__ = "attachment_chunks"
+
+    attachment_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("attachments.id", ondelete="CASCADE"), primary_key=True
+    )
+    n: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class MessageAttachment(Base):
+    """Which attachments a message carries, in order (messages may share one)."""
+
+    __tablename__ = "message_attachments"
+    __table_args__ = (Index("ix_message_attachments_attachment", "attachment_id"),)
+
+    message_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attachment_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("attachments.id", ondelete="CASCADE")
+    )

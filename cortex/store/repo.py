@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from ..errors import BadFrame, NotFound
+from .attachments import link, unlink_conversation
 from .models import Conversation, Message, new_id, utcnow
 from .statements import (
     ContextMessage,
@@ -106,6 +107,10 @@ class Store:
 
     async def close(self) -> None:
         await self._transactions.close()
+
+    async def transact(self, fn: Callable[[Session], T]) -> T:
+        """Run `fn(session)` as one transaction (the attachment store's queries use this)."""
+        return await self._run(fn)
 
     async def _run(self, fn: Callable[[Session], T]) -> T:
         try:
@@ -219,6 +224,7 @@ class Store:
             conv = session.get(Conversation, conversation_id)
             if conv is None or conv.owner != owner:
                 return None
+            unlink_conversation(session, conversation_id)  # and attachments only it used
             # Messages first: the foreign key cascades too, but only where the database enforces
             # it (SQLite needs a pragma), and an explicit delete does not depend on that.
             result = session.execute(
@@ -244,6 +250,7 @@ class Store:
         temperature: float | None = None,
         reply_options: dict[str, Any] | None = None,
         parent_id: str | None = None,
+        attachment_ids: Sequence[str] = (),
     ) -> StoredMessage | None:
         """Store a user message, creating the conversation when `conversation_id` is None.
 
@@ -312,6 +319,8 @@ class Store:
                 else:
                     make_active(session, conv.id, message.id)
                 conv.active_leaf_id = message.id
+            if attachment_ids:
+                link(session, message.id, attachment_ids)
             return StoredMessage(conv, message, True)
 
         for _attempt in range(3):

@@ -30,6 +30,7 @@ class ContextMessage(NamedTuple):
     content: str
     tool_calls: list[dict[str, Any]] | None
     tool_call_id: str | None
+    id: str | None = None  # the row's id: its attachments are found by it
 
 
 _conversations = cast(Table, Conversation.__table__)

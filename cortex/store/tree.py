@@ -38,7 +38,7 @@ WITH RECURSIVE path(id, parent_id, active_child_id, seq, depth) AS (
 """
 _PATH = text(_UP + "SELECT id, active_child_id, seq FROM path ORDER BY depth DESC")
 _PATH_CONTEXT = text(
-    _UP + "SELECT m.role, m.content, m.tool_calls, m.tool_call_id, m.status "
+    _UP + "SELECT m.role, m.content, m.tool_calls, m.tool_call_id, m.status, m.id "
     "FROM path JOIN messages m ON m.id = path.id ORDER BY path.depth DESC"
 ).columns(
     _messages.c.role,
@@ -46,6 +46,7 @@ _PATH_CONTEXT = text(
     _messages.c.tool_calls,
     _messages.c.tool_call_id,
     _messages.c.status,
+    _messages.c.id,
 )
 _DOWN = text(
     f"""
@@ -106,8 +107,8 @@ def path_context(session: Session, conversation_id: str, leaf_id: str) -> list[C
     """What the model sees when it answers at `leaf_id`: the path to it, root first."""
     rows = core(session).execute(_PATH_CONTEXT, {"leaf": leaf_id, "target": conversation_id})
     return [
-        ContextMessage(role, content, tool_calls, tool_call_id)
-        for role, content, tool_calls, tool_call_id, status in rows
+        ContextMessage(role, content, tool_calls, tool_call_id, message_id)
+        for role, content, tool_calls, tool_call_id, status, message_id in rows
         if status in CONTEXT_STATUSES or role == "tool"
     ]
 

@@ -4,6 +4,7 @@
 // The open conversation's state is in state.js (a `Chat`, replaced when another one is opened),
 // its rendering in view.js, its requests (history, subscribe, send, stop) in session.js.
 
+import { Tray } from "./attachments.js";
 import { Connection, readToken, storeToken } from "./connection.js";
 import { Sidebar } from "./sidebar.js";
 import { SearchBox } from "./search.js";
@@ -205,6 +206,7 @@ function onFrame(frame) {
     case "history":
     case "conversations":
     case "search_results":
+    case "attachment": // an upload's answer (attachments.js waits for it by request_id)
       break; // answers whose request stopped waiting (timed out, or the socket was replaced)
     default:
       break; // a type this page does not know
@@ -400,6 +402,41 @@ window.addEventListener("hashchange", followUrl);
 window.addEventListener("popstate", followUrl); // back/forward across "New chat"
 window.addEventListener("focus", () => sidebar.refreshSoon());
 sidebar.onChange(() => view.updateChrome());
+
+// ---- attachments: the button, paste, drag and drop ------------------------------------------
+
+const tray = new Tray({ conn, list: $("tray"), onChange: () => view.updateSendButton() });
+session.tray = tray;
+view.tray = tray;
+const attachInput = $("attach-input");
+$("attach").addEventListener("click", () => attachInput.click());
+attachInput.addEventListener("change", () => {
+  tray.add([...attachInput.files]);
+  attachInput.value = "";
+  ui.input.focus();
+});
+ui.input.addEventListener("paste", (event) => {
+  const files = [...(event.clipboardData?.files || [])];
+  if (!files.length) return; // text is pasted as usual
+  event.preventDefault();
+  tray.add(files);
+});
+ui.chat.addEventListener("dragover", (event) => {
+  if (![...(event.dataTransfer?.types || [])].includes("Files")) return;
+  event.preventDefault();
+  ui.chat.classList.add("dropping");
+});
+ui.chat.addEventListener("dragleave", (event) => {
+  if (event.target === ui.chat) ui.chat.classList.remove("dropping");
+});
+ui.chat.addEventListener("drop", (event) => {
+  ui.chat.classList.remove("dropping");
+  const files = [...(event.dataTransfer?.files || [])];
+  if (!files.length) return;
+  event.preventDefault();
+  tray.add(files);
+  ui.input.focus();
+});
 
 openConversation(hashId());
 conn.start();

@@ -1,6 +1,7 @@
 // DOM for one message. Untrusted text only ever reaches the page as text nodes or through the
 // Markdown renderer (which builds nodes itself); nothing here touches innerHTML.
 
+import { renderAttachments } from "./attachments.js";
 import { h, icon } from "./dom.js";
 import { renderInto } from "./markdown.js";
 
@@ -98,6 +99,7 @@ export function createMessage(msg) {
     li.append(
       h("h3", { class: "sr-only", text: "You said:" }),
       h("div", { class: "bubble" }, h("div", { class: "user-text" })),
+      h("div", { class: "attachments", hidden: true }),
       h("div", { class: "msg-foot" }),
       h(
         "div",
@@ -163,6 +165,7 @@ export function updateMessage(li, msg, tools) {
   if (msg.kind === "user") {
     const text = li.querySelector(".user-text");
     if (text.textContent !== msg.content) text.textContent = msg.content;
+    renderAttachments(li.querySelector(".attachments"), msg.attachments);
     const foot = li.querySelector(".msg-foot");
     foot.replaceChildren();
     if (msg.local) {

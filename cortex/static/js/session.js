@@ -169,9 +169,13 @@ export class Session {
     const { ui } = this.view;
     const c = this.chat;
     const text = ui.input.value;
-    if (!text.trim() || !this.conn.isOpen) return;
+    const tray = this.tray;
+    if (tray && tray.busy) return; // files still uploading: the button says so
+    const attachments = tray ? tray.ready : [];
+    if ((!text.trim() && !attachments.length) || !this.conn.isOpen) return;
     if (!c.id && this.creating) return; // the first message is still creating the chat
-    const entry = this.outbox.add(c, text);
+    const entry = this.outbox.add(c, text, attachments);
+    if (tray) tray.clear();
     ui.input.value = "";
     this.view.autosize();
     c.markDirty(entry.msg);

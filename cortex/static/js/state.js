@@ -74,6 +74,7 @@ function fromView(view) {
     error_code: view.error_code || null,
     parent_id: view.parent_id || null,
     sibling_ids: view.sibling_ids || null, // from history and catch-up only
+    attachments: view.attachments || null,
     liveTools: new Map(),
   };
 }
@@ -226,8 +227,9 @@ export class Chat {
   }
 
   /** The user's message, shown before the server has it. */
-  addLocal(text, clientMsgId) {
+  addLocal(text, clientMsgId, attachments = null) {
     const msg = {
+      attachments,
       id: `local:${clientMsgId}`,
       kind: "user",
       role: "user",
@@ -367,10 +369,11 @@ export class Outbox {
   }
 
   /** Queue `text` for `chat` (shown at once as a local message); returns the entry. */
-  add(chat, text) {
+  add(chat, text, attachments = []) {
     const clientMsgId = uuid();
-    const msg = chat.addLocal(text, clientMsgId);
+    const msg = chat.addLocal(text, clientMsgId, attachments.length ? attachments : null);
     const frame = { type: "send", content: text, client_msg_id: clientMsgId };
+    if (attachments.length) frame.attachments = attachments.map((a) => a.id);
     if (chat.id) frame.conversation_id = chat.id;
     const entry = { frame, msg, chat };
     this.entries.set(clientMsgId, entry);

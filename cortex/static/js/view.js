@@ -164,7 +164,13 @@ export class ChatView {
     const { ui, chat } = this;
     const open = this.conn.isOpen;
     ui.input.disabled = !open;
-    ui.send.disabled = !open || !ui.input.value.trim() || (!chat.id && this.creating());
+    const tray = this.tray; // attachments: files waiting to go, maybe still uploading
+    const files = tray ? tray.ready.length : 0;
+    ui.send.disabled =
+      !open ||
+      (!ui.input.value.trim() && !files) ||
+      (tray && tray.busy) ||
+      (!chat.id && this.creating());
     ui.input.placeholder = open ? "Message Cortex" : "Waiting for the connection…";
   }
 
