@@ -156,6 +156,8 @@ class Edit(Inbound):
     message_id: Id
     content: str
     client_msg_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    # Absent: the original's attachments are kept; [] drops them.
+    attachments: Annotated[list[Id], Field(max_length=100)] | None = None
 
 
 class Regenerate(Inbound):

@@ -14,7 +14,7 @@ from ..config import Settings
 from ..errors import BadFrame
 from ..fanout.hub import Hub, Subscriber, user_topic
 from ..protocol import Ack, DeleteBranch, Edit, Fork, Regenerate, SwitchBranch
-from .intake import reply_options
+from .intake import Intake, reply_options
 from .live import Live
 from .views import listed_event, message_event, path_event
 from .workers import Workers
@@ -31,16 +31,30 @@ class Branches:
     """The tree frames, from stored change to announced active path."""
 
     def __init__(
-        self, *, settings: Settings, store: Store, hub: Hub, live: Live, workers: Workers
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        hub: Hub,
+        live: Live,
+        workers: Workers,
+        intake: Intake,
     ) -> None:
         self.settings = settings
         self.store = store
         self.hub = hub
         self.live = live
         self.workers = workers
+        self.intake = intake  # its attachment checks, shared with `send`
 
     async def edit(self, owner: str, frame: Edit, client: Subscriber) -> None:
         conversation_id = frame.conversation_id
+        attached = None
+        if frame.attachments is not None:  # else the original's are kept
+            rows = await self.intake.checked_attachments(
+                owner, frame.attachments, model=None, conversation_id=conversation_id
+            )
+            attached = [row.id for row in rows]
         with self.workers.accepting():
             await self.hub.watch(conversation_id)
             async with self.live.lock(conversation_id):
@@ -49,6 +63,7 @@ class Branches:
                     conversation_id=conversation_id,
                     message_id=frame.message_id,
                     content=frame.content,
+                    attachment_ids=attached,
                     client_msg_id=frame.client_msg_id,
                     reply_options=reply_options(
                         None,
@@ -66,7 +81,9 @@ class Branches:
                 self._ack(client, conversation_id, message.id, message.seq, frame.request_id)
                 if not change.created:
                     return  # an idempotent retry: acknowledged again, nothing else
-                self.hub.publish(conversation_id, message_event(message))
+                files = self.intake.files
+                views = (await files.views([message.id])).get(message.id) if files else None
+                self.hub.publish(conversation_id, message_event(message, attachments=views))
                 self.hub.publish(conversation_id, path_event(change.conversation))
             self.workers.supersede(conversation_id, message.seq)
             self.workers.kick(conversation_id, owed_seq=message.seq)

@@ -6,7 +6,7 @@ The message is acknowledged only once it is committed; its reply is the workers'
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Container
+from collections.abc import Container, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
@@ -60,21 +60,30 @@ class Intake:
         unknown = [name for name in tools or () if name not in self.tool_names]
         if unknown:
             raise BadFrame(f"unknown tools: {', '.join(unknown)}")
-        attached = await self._attachments(owner, frame, model)
+        attached = await self.checked_attachments(
+            owner, frame.attachments, model=model, conversation_id=frame.conversation_id
+        )
         with self.workers.accepting():  # Unavailable once the server is shutting down
             await self._store(owner, frame, client, model, tools, attached)
 
-    async def _attachments(self, owner: str, frame: Send, model: str | None) -> list[Attachment]:
-        """The attachments the frame names: the owner's, and images only for a model that
-        takes them (checked before anything is stored)."""
-        if not frame.attachments:
+    async def checked_attachments(
+        self,
+        owner: str,
+        ids: Sequence[str] | None,
+        *,
+        model: str | None,
+        conversation_id: str | None,
+    ) -> list[Attachment]:
+        """The attachments a `send` or an `edit` names: the owner's, and images only for a
+        model that takes them (checked before anything is stored)."""
+        if not ids:
             return []
         if self.files is None:
             raise BadFrame("this server takes no attachments")
-        rows = await self.files.for_send(owner, frame.attachments)
+        rows = await self.files.for_send(owner, ids)
         if any(row.kind == "image" for row in rows):
-            if model is None and frame.conversation_id is not None:
-                conv = await self.store.get_conversation(frame.conversation_id, owner=owner)
+            if model is None and conversation_id is not None:
+                conv = await self.store.get_conversation(conversation_id, owner=owner)
                 if conv is None:
                     raise NotFound("no such conversation")
                 model = conv.model

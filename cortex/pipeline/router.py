@@ -87,7 +87,12 @@ class Router:
             settings=settings, store=store, hub=hub, live=live, leases=leases, files=self.files
         )
         self.branches = Branches(
-            settings=settings, store=store, hub=hub, live=live, workers=self.workers
+            settings=settings,
+            store=store,
+            hub=hub,
+            live=live,
+            workers=self.workers,
+            intake=self.intake,
         )
 
     async def send(self, owner: str, frame: Send, client: Subscriber) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import bindparam, delete, exists, func, select, update
+from sqlalchemy import Select, bindparam, delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from .models import Attachment, AttachmentChunk, Message, MessageAttachment, utcnow
@@ -186,15 +186,20 @@ def link(session: Session, message_id: str, attachment_ids: Sequence[str]) -> No
 def unlink_conversation(session: Session, conversation_id: str) -> None:
     """Before a conversation's messages are deleted: drop their links, and the attachments
     that no other message uses."""
-    messages = select(Message.id).where(Message.conversation_id == conversation_id)
+    unlink(session, select(Message.id).where(Message.conversation_id == conversation_id))
+
+
+def unlink(session: Session, message_ids: Sequence[str] | Select[Any]) -> None:
+    """Before messages are deleted (a conversation, a branch): drop their links, and the
+    attachments that no other message uses."""
     used = list(
         session.scalars(
             select(MessageAttachment.attachment_id)
-            .where(MessageAttachment.message_id.in_(messages))
+            .where(MessageAttachment.message_id.in_(message_ids))
             .distinct()
         ).all()
     )
-    session.execute(delete(MessageAttachment).where(MessageAttachment.message_id.in_(messages)))
+    session.execute(delete(MessageAttachment).where(MessageAttachment.message_id.in_(message_ids)))
     if used:
         still = set(
             session.scalars(
@@ -204,6 +209,17 @@ def unlink_conversation(session: Session, conversation_id: str) -> None:
             ).all()
         )
         _drop(session, [i for i in used if i not in still])
+
+
+def linked(session: Session, message_id: str) -> list[str]:
+    """The attachment ids of a message, in its order (an edit keeps them; a fork shares them)."""
+    return list(
+        session.scalars(
+            select(MessageAttachment.attachment_id)
+            .where(MessageAttachment.message_id == message_id)
+            .order_by(MessageAttachment.position)
+        ).all()
+    )
 
 
 def _drop(session: Session, ids: Sequence[str]) -> None:

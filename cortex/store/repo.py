@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from ..errors import BadFrame, NotFound
-from .attachments import link, unlink_conversation
+from .attachments import link, linked, unlink, unlink_conversation
 from .models import Conversation, Message, new_id, utcnow
 from .statements import (
     ContextMessage,
@@ -288,6 +288,8 @@ class Store:
                     client_msg_id=client_msg_id,
                     reply_options=reply_options or None,
                 )
+                if attachment_ids:
+                    link(session, message.id, attachment_ids)
                 return StoredMessage(conv, message, True)
             taken = take_seq(session, conversation_id, owner=owner)
             if taken is None:
@@ -651,9 +653,11 @@ class Store:
         content: str,
         client_msg_id: str | None,
         reply_options: dict[str, Any],
+        attachment_ids: Sequence[str] | None = None,
     ) -> BranchChange:
         """Store a new user message beside `message_id` (same parent), make it the active leaf,
-        and take the old path's waiting turns out of the queue."""
+        and take the old path's waiting turns out of the queue. It keeps the original's
+        attachments unless `attachment_ids` says otherwise."""
 
         def store(session: Session) -> BranchChange:
             conv, original = _target(session, owner, conversation_id, message_id)
@@ -682,6 +686,9 @@ class Store:
                 reply_options=options or None,
                 parent_id=original.parent_id,
             )
+            files = linked(session, original.id) if attachment_ids is None else attachment_ids
+            if files:
+                link(session, message.id, files)
             make_active(session, conv.id, message.id)
             return BranchChange(_fresh(session, conv.id), message, True, cancelled)
 
@@ -775,7 +782,9 @@ class Store:
                 .where(Message.id.in_(ids), Message.status.in_(OPEN_STATUSES))
             )
             for start in range(0, len(ids), 500):
-                session.execute(delete(Message).where(Message.id.in_(ids[start : start + 500])))
+                chunk = ids[start : start + 500]
+                unlink(session, chunk)  # files only this branch used go with it
+                session.execute(delete(Message).where(Message.id.in_(chunk)))
             parent = message.parent_id
             left = siblings(session, conv.id, [parent])[parent]
             if parent is not None:
@@ -829,6 +838,9 @@ class Store:
                     **{name: getattr(row, name) for name in _COPIED},
                     status=status,
                 )
+                files = linked(session, row.id)  # shared, not copied
+                if files:
+                    link(session, new, files)
             return _fresh(session, fork.id)
 
         return await self._run(copy)
