@@ -29,7 +29,6 @@ async def test_an_edit_keeps_or_replaces_the_files_and_the_model_sees_them(
     other = (await upload(client, b"other notes\n", "other.txt"))["attachment"]["id"]
     ack = await client.request(type="send", content="read this", attachments=[notes])
     conv, first = ack["conversation_id"], ack["message_id"]
-    await client.request(type="subscribe", conversation_id=conv, after_seq=0)
     final_message(await client.until_reply())
     assert _files(provider.requests[-1]["messages"][-1]["content"]) == [
         "[Attached file: notes.txt]"
@@ -69,7 +68,6 @@ async def test_a_deleted_branch_frees_its_own_files_and_a_fork_shares_them(
     gone = (await upload(client, b"gone\n", "gone.txt"))["attachment"]["id"]
     ack = await client.request(type="send", content="first", attachments=[kept])
     conv, first = ack["conversation_id"], ack["message_id"]
-    await client.request(type="subscribe", conversation_id=conv, after_seq=0)
     final_message(await client.until_reply())
     edited = await client.request(
         type="edit", conversation_id=conv, message_id=first, content="second", attachments=[gone]

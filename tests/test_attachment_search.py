@@ -23,7 +23,6 @@ async def test_files_are_found_by_name_and_text_until_their_message_goes(
     ids = [notes["attachment"]["id"], paper["attachment"]["id"]]
     ack = await client.request(type="send", content="two files", attachments=ids)
     conv, message = ack["conversation_id"], ack["message_id"]
-    await client.request(type="subscribe", conversation_id=conv, after_seq=0)
     final_message(await client.until_reply())
 
     (hit,) = (await client.request(type="search", query="quarterly"))["items"]

@@ -44,9 +44,7 @@ async def get(server: Cortex) -> AsyncIterator[Callable[..., Any]]:
 
 async def chat(client: Client, content: str, conversation_id: str | None = None) -> str:
     ack = await client.request(type="send", content=content, conversation_id=conversation_id)
-    conversation: str = ack["conversation_id"]
-    if conversation_id is None:
-        await client.request(type="subscribe", conversation_id=conversation, after_seq=0)
+    conversation: str = ack["conversation_id"]  # the sender of a new one is subscribed to it
     final_message(await client.until_reply())
     return conversation
 
