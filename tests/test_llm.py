@@ -12,6 +12,9 @@ from cortex.errors import ProviderError, ProviderTimeout
 from cortex.llm import LlmService, TextDelta, ToolCalls, UsageInfo
 from cortex.testing.fake_openai import FakeOpenAI, Reply, ToolCallSpec
 
+# Every test runs on the direct stream path and on LiteLLM's (conftest).
+BOTH_LLM_PATHS = True
+
 
 @pytest.fixture
 def llm(tmp_path: Path, provider: FakeOpenAI) -> LlmService:
@@ -159,3 +162,18 @@ def test_a_history_past_the_window_loses_its_oldest_messages(llm: LlmService) ->
     trimmed = llm.trim(history, "gpt-4o-mini")
     assert 0 < len(trimmed) < len(history)
     assert trimmed[-1]["content"] == history[-1]["content"]  # the newest message stays
+
+
+async def test_a_stream_takes_the_path_the_setting_chooses(
+    llm: LlmService, provider: FakeOpenAI, llm_path: str
+) -> None:
+    """OpenAI-format models stream on the direct path unless it is off; others on LiteLLM."""
+    assert llm.path_for() == llm_path
+    assert llm.path_for("anthropic/claude-3-5-sonnet-20240620") == "litellm"
+    assert llm.path_for("mock") == "litellm"
+    provider.enqueue(Reply(text="a b"))
+    events = [e async for e in llm.stream([{"role": "user", "content": "hi"}])]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "a b"
+    # Only the direct path opens Cortex's own pooled session.
+    assert (llm._direct._session is not None) == (llm_path == "direct")
+    await llm.aclose()
