@@ -177,3 +177,22 @@ async def test_a_stream_takes_the_path_the_setting_chooses(
     # Only the direct path opens Cortex's own pooled session.
     assert (llm._direct._session is not None) == (llm_path == "direct")
     await llm.aclose()
+
+
+async def test_stream_errors_and_cost_are_the_same_on_both_paths(
+    llm: LlmService, provider: FakeOpenAI
+) -> None:
+    provider.enqueue(Reply(status=401))
+    with pytest.raises(ProviderError) as info:
+        async for _ in llm.stream([{"role": "user", "content": "q"}]):
+            pass
+    assert not isinstance(info.value, ProviderTimeout)
+    assert str(info.value).startswith("AuthenticationError 401"), str(info.value)
+    provider.enqueue(Reply(text="priced words", chunks=2))
+    events = [
+        e async for e in llm.stream([{"role": "user", "content": "q"}], model="openai/gpt-4o-mini")
+    ]
+    (usage,) = [e for e in events if isinstance(e, UsageInfo)]
+    assert usage.completion_tokens and usage.cost_usd is not None and usage.cost_usd > 0
+    assert provider.requests[-1]["model"] == "gpt-4o-mini"
+    await llm.aclose()
