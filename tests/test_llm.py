@@ -196,3 +196,28 @@ async def test_stream_errors_and_cost_are_the_same_on_both_paths(
     assert usage.completion_tokens and usage.cost_usd is not None and usage.cost_usd > 0
     assert provider.requests[-1]["model"] == "gpt-4o-mini"
     await llm.aclose()
+
+
+@pytest.mark.parametrize(
+    ("event", "part"),
+    [(b'{"error": {"message": "overloaded"}}', "overloaded"), (b"{not json", "")],
+    ids=["error-object", "not-json"],
+)
+async def test_a_bad_stream_event_is_a_provider_error(
+    llm: LlmService, provider: FakeOpenAI, event: bytes, part: str, llm_path: str
+) -> None:
+    """The same error type on both paths; the direct path also keeps the provider's words
+    (LiteLLM's says `APIConnectionError`)."""
+    provider.enqueue(Reply(text="so far", bad_event=event), Reply(text="next"))
+    seen: list[str] = []
+    with pytest.raises(ProviderError) as info:
+        async for e in llm.stream([{"role": "user", "content": "q"}]):
+            if isinstance(e, TextDelta):
+                seen.append(e.text)
+    assert "".join(seen) == "so far" and not isinstance(info.value, ProviderTimeout)
+    if llm_path == "direct":
+        assert part in str(info.value)
+    # The service goes on.
+    events = [e async for e in llm.stream([{"role": "user", "content": "q"}])]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "next"
+    await llm.aclose()

@@ -186,6 +186,7 @@ class LlmService:
         finish: str | None = None
         usage: Any = None
         response: Any = None
+        silence: SilenceTimer | None = None
         try:
             # One deadline for the provider to start answering, LiteLLM's retries and
             # fallbacks included (each attempt also has it as its own timeout).
@@ -229,6 +230,8 @@ class LlmService:
         except Exception as exc:
             raise map_error(exc) from exc
         finally:
+            if silence is not None:
+                silence.stop()
             if response is not None:
                 await close_stream(response)
         if calls:
@@ -269,6 +272,7 @@ class LlmService:
         finish: str | None = None
         usage: dict[str, Any] | None = None
         response: Any = None
+        silence: SilenceTimer | None = None
         request = requests[0]
         try:
             async with asyncio.timeout(self.settings.llm_timeout) as first:
@@ -310,6 +314,8 @@ class LlmService:
         except Exception as exc:  # a cut connection, a line past aiohttp's limit
             raise ProviderError(f"the provider stream broke off: {type(exc).__name__}") from exc
         finally:
+            if silence is not None:
+                silence.stop()
             if response is not None:
                 response.close()  # a no-op once read to the end (the connection is pooled)
         if calls:
