@@ -105,6 +105,7 @@ class Cortex:
             metrics=self.metrics,
             telemetry=self.telemetry,
             tokens=self.tokens,
+            files=self.router.files,
         )
         self._tasks: list[asyncio.Task[None]] = []
         self.server: Server | None = None

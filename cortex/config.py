@@ -100,6 +100,13 @@ class Settings(BaseSettings):
     reply_lease_s: float = Field(default=15.0, ge=1)
     sweep_interval_s: float = Field(default=5.0, gt=0)
 
+    # Attachments (docs/attachments.md): the bytes live in the database, in chunk rows.
+    max_attachment_bytes: int = Field(default=20 * 1_048_576, ge=1024)
+    max_attachments: int = Field(default=10, ge=1, le=100)
+    attachment_quota_bytes: int = Field(default=500 * 1_048_576, ge=1024)
+    attachment_ttl_s: float = Field(default=86_400.0, gt=0)  # uploads no message refers to
+    vision_models: CsvList = Field(default_factory=list)  # models that take images (`*`: any)
+
     static_dir: Path = STATIC_DIR
     log_level: str = "INFO"
 
@@ -137,7 +144,9 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("allowed_models", "fallback_models", "tools", "tool_modules", mode="before")
+    @field_validator(
+        "allowed_models", "fallback_models", "tools", "tool_modules", "vision_models", mode="before"
+    )
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):

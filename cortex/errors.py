@@ -7,6 +7,8 @@
     │   ├── UnknownType      unknown_type  `type` names no frame
     │   └── TooLarge         too_large     a message longer than the limit
     ├── NotFound             not_found     no such conversation (or not the caller's)
+    ├── BadAttachment        bad_attachment   a file refused by its bytes (type, bomb, encoding)
+    ├── QuotaExceeded        quota_exceeded   the user's attachments would pass their quota
     ├── Forbidden            forbidden
     ├── RateLimited          rate_limited
     ├── ProviderError        provider_error   the model provider failed
@@ -61,6 +63,16 @@ class TooLarge(ProtocolError):
 
 class NotFound(CortexError):
     code = "not_found"
+
+
+class BadAttachment(CortexError):
+    """An uploaded file refused by what its bytes are (attachments: docs/attachments.md)."""
+
+    code = "bad_attachment"
+
+
+class QuotaExceeded(CortexError):
+    code = "quota_exceeded"
 
 
 class Forbidden(CortexError):

@@ -60,6 +60,9 @@ class Send(Inbound):
 
     type: Literal["send"]
     conversation_id: Id | None = None
+    # The message to follow (a new branch if it has children already); default: the active
+    # leaf when the message's turn comes.
+    parent_id: Id | None = None
     content: str
     client_msg_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
     model: ModelName | None = None
@@ -69,6 +72,7 @@ class Send(Inbound):
         Annotated[list[Annotated[str, StringConstraints(max_length=64)]], Field(max_length=64)]
         | None
     ) = None
+    attachments: Annotated[list[Id], Field(max_length=100)] | None = None  # uploaded ids
 
 
 class Subscribe(Inbound):
@@ -83,10 +87,14 @@ class Unsubscribe(Inbound):
 
 
 class History(Inbound):
+    """A page of older messages (`before_seq`), or one centred on `around_seq` (a search hit)."""
+
     type: Literal["history"]
     conversation_id: Id
     before_seq: Seq | None = None
+    around_seq: Seq | None = None
     limit: Limit = 50
+    leaf_id: Id | None = None  # another branch: the path from the root to this message
 
 
 class Conversations(Inbound):
@@ -135,6 +143,90 @@ class Configure(Inbound):
         """The settings this frame names, with their new values (None: the server default)."""
         named = self.model_fields_set & {"model", "system_prompt", "temperature"}
         return {name: getattr(self, name) for name in sorted(named)}
+
+
+# ---- the conversation tree (docs/protocol.md, "Branches") ----
+
+
+class Edit(Inbound):
+    """A new version of a user message: stored beside it (same parent), the new active leaf."""
+
+    type: Literal["edit"]
+    conversation_id: Id
+    message_id: Id
+    content: str
+    client_msg_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+    # Absent: the original's attachments are kept; [] drops them.
+    attachments: Annotated[list[Id], Field(max_length=100)] | None = None
+
+
+class Regenerate(Inbound):
+    """Another reply to the user message an assistant message answered, beside it."""
+
+    type: Literal["regenerate"]
+    conversation_id: Id
+    message_id: Id
+    model: ModelName | None = None
+    client_msg_id: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
+
+
+class SwitchBranch(Inbound):
+    """Make the active path run through a message, down its branch as last active."""
+
+    type: Literal["switch_branch"]
+    conversation_id: Id
+    message_id: Id
+
+
+class DeleteBranch(Inbound):
+    """Delete a message and everything beneath it."""
+
+    type: Literal["delete_branch"]
+    conversation_id: Id
+    message_id: Id
+
+
+class Fork(Inbound):
+    """A new conversation holding a copy of the path from the root to a message."""
+
+    type: Literal["fork"]
+    conversation_id: Id
+    message_id: Id
+
+
+# ---- search (docs/search.md) ----
+
+
+class Search(Inbound):
+    """Full-text search over the caller's conversations. The query's own limit (`too_large`)
+    and the dates (ISO 8601) are checked by the search room, not here."""
+
+    type: Literal["search"]
+    query: str
+    limit: Limit = 20
+    cursor: Annotated[str, StringConstraints(max_length=200)] | None = None
+    conversation_id: Id | None = None
+    role: Literal["user", "assistant"] | None = None
+    after: Annotated[str, StringConstraints(max_length=64)] | None = None
+    before: Annotated[str, StringConstraints(max_length=64)] | None = None
+
+
+# ---- attachments (docs/attachments.md) ----
+
+
+class Upload(Inbound):
+    """Announce a file; its `size` bytes follow as binary frames, answered by `attachment`."""
+
+    type: Literal["upload"]
+    filename: Annotated[str, StringConstraints(min_length=1, max_length=255)]
+    content_type: Annotated[str, StringConstraints(max_length=100)] | None = None  # a hint only
+    size: Annotated[int, Field(ge=1, le=2**53)]
+
+
+class CancelUpload(Inbound):
+    """Abandon the upload in progress (its bytes so far are dropped)."""
+
+    type: Literal["cancel_upload"]
 
 
 # Every inbound class above is registered by now: the parser is built from the registry.
@@ -188,10 +280,10 @@ def _validate(data: dict[str, Any], max_message_chars: int) -> Inbound:
         raise BadFrame("frame needs a string field 'type'")
     if kind not in INBOUND_TYPES:
         raise UnknownType(f"unknown frame type {kind[:40]!r}")
-    if kind == "send" and isinstance(data.get("content"), str):
+    if kind in ("send", "edit") and isinstance(data.get("content"), str):
         if len(data["content"]) > max_message_chars:
             raise TooLarge(f"message is longer than {max_message_chars} characters")
-        if not data["content"].strip():
+        if not data["content"].strip() and not data.get("attachments"):  # files may speak alone
             raise BadFrame("content must not be empty")
     try:
         return _INBOUND.validate_python(data)
@@ -250,6 +342,19 @@ class Usage(BaseModel):
     cost_usd: float | None = None
 
 
+class AttachmentView(BaseModel):
+    """An uploaded file as clients see it; `kind` is image, text or pdf."""
+
+    id: str
+    filename: str
+    content_type: str
+    size: int
+    kind: Literal["image", "text", "pdf"]
+    width: int | None = None
+    height: int | None = None
+    pages: int | None = None
+
+
 class MessageView(BaseModel):
     """A stored message as clients see it."""
 
@@ -257,14 +362,18 @@ class MessageView(BaseModel):
     seq: int
     role: Literal["user", "assistant", "tool", "system"]
     content: str
-    status: Literal["complete", "streaming", "error", "cancelled", "interrupted"]
+    status: Literal["complete", "streaming", "error", "cancelled", "interrupted", "queued"]
     created_at: str
+    parent_id: str | None = None
+    # All messages with the same parent, in seq order, itself included (history, catch-up).
+    sibling_ids: list[str] | None = None
     model: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     usage: Usage | None = None
     finish_reason: str | None = None
     error_code: str | None = None
+    attachments: list[AttachmentView] | None = None
 
 
 class ConversationView(BaseModel):
@@ -276,6 +385,7 @@ class ConversationView(BaseModel):
     created_at: str
     updated_at: str
     last_seq: int
+    active_leaf_id: str | None = None
 
 
 class Ack(Outbound):
@@ -366,6 +476,9 @@ class ConversationEvent(Outbound):
     conversation_id: str
     conversation: ConversationView | None = None
     deleted: bool | None = None
+    # The active path changed (edit, regenerate, switch_branch, delete_branch): it now ends
+    # here (null: the conversation is empty). A client re-reads `history`.
+    active_leaf_id: str | None = None
 
 
 class ErrorEvent(Outbound):
@@ -374,6 +487,41 @@ class ErrorEvent(Outbound):
     message: str
     request_id: str | None = None
     conversation_id: str | None = None
+
+
+class SearchHit(BaseModel):
+    """One hit: a message, a conversation title (no message_id, seq or role) or an attachment.
+    `highlights` are [start, end) character ranges in `snippet`, which is plain text."""
+
+    kind: Literal["message", "title", "attachment"]
+    conversation_id: str
+    conversation_title: str
+    message_id: str | None
+    seq: int | None
+    role: str | None
+    created_at: str
+    snippet: str
+    highlights: list[tuple[int, int]]
+    on_active_path: bool
+
+
+class SearchResults(Outbound):
+    type: Literal["search_results"] = "search_results"
+    items: list[SearchHit]
+    next_cursor: str | None
+    request_id: str | None = None
+
+    def encode(self) -> str:
+        # A hit's nulls are part of its shape (a title hit has no seq), so they are kept.
+        return self.model_dump_json(exclude={"request_id"} if self.request_id is None else None)
+
+
+class AttachmentEvent(Outbound):
+    """An upload is complete and checked: the id a `send` may carry."""
+
+    type: Literal["attachment"] = "attachment"
+    attachment: AttachmentView
+    request_id: str | None = None
 
 
 class Pong(Outbound):

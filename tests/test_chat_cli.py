@@ -174,3 +174,82 @@ async def test_a_refused_token_is_said_clearly(start_server: Any, provider: Fake
     child.close()
     assert child.exitstatus == 1
     assert "refused the connection: HTTP 401 (set --token or CORTEX_TOKEN)" in str(child.before)
+
+
+async def test_edit_retry_branches_switch_delete_and_fork(
+    terminal: Callable[..., Any], server: Cortex, provider: FakeOpenAI
+) -> None:
+    """The tree commands of issue #20: /edit, /retry, /branches, /switch N, /delete N, /fork."""
+    provider.enqueue(
+        Reply(text="first answer"),
+        Reply(text="answer to the edit"),
+        Reply(text="a retried answer"),
+    )
+    term: Terminal = await terminal()
+    assert "assistant> first answer" in await term.line("a question")
+    conversation_id = (await server.store.conversations(owner="local"))[0][0].id
+    shown = await term.line("/edit a better question")
+    assert "assistant> answer to the edit" in shown
+    shown = await term.line("/retry")
+    assert "assistant> a retried answer" in shown
+    shown = await term.line("/branches")
+    assert "at user 'a better question' (2/2):" in shown and "1. branch 1/2" in shown
+    assert "at assistant 'a retried answer' (2/2):" in shown and "2. branch 1/2" in shown
+    shown = await term.line("/switch 1")  # back to the first question and its answer
+    assert "you: a question" in shown and "assistant> first answer" in shown
+    path = await server.store.path_page(conversation_id)
+    assert path is not None and [r.content for r in path.rows] == ["a question", "first answer"]
+    await term.line("/branches")
+    shown = await term.line("/delete 1")  # the edited branch goes, with both its answers
+    assert "you: a question" in shown
+    assert await server.store.count_messages(conversation_id) == 2
+    shown = await term.line("/branches")
+    assert "no other branches" in shown
+    shown = await term.line("/fork")
+    assert "forked into" in shown and "first answer" in shown
+    conversations, _ = await server.store.conversations(owner="local")
+    assert len(conversations) == 2
+    shown = await term.line("/switch 9")
+    assert "usage: /switch N" in shown
+
+
+async def test_search_command_lists_hits_with_their_matches_marked(
+    terminal: Callable[..., Any], server: Cortex, provider: FakeOpenAI
+) -> None:
+    provider.enqueue(Reply(text="Rotate the signing keys monthly."))
+    term: Terminal = await terminal()
+    assert "assistant> Rotate the signing keys monthly." in await term.line("how do I rotate keys?")
+    shown = await term.line('/search "signing keys"')
+    conv = (await server.store.conversations(owner="local"))[0][0].id
+    assert re.search(rf"1\. how do I rotate keys\?\s+\[assistant #2\]\s+{conv}", shown)
+    assert "Rotate the *signing keys* monthly." in shown
+    shown = await term.line("/search nothing-like-this")
+    assert "(no hits)" in shown
+    shown = await term.line("/search " + "x" * 1001)
+    assert "[too_large]" in shown
+
+
+async def test_attach_a_file_to_the_next_message(
+    terminal: Callable[..., Any], provider: FakeOpenAI, tmp_path: Any
+) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the meeting is at noon\n")
+    provider.enqueue(Reply(text="noon it is"))
+    term: Terminal = await terminal()
+    shown = await term.line(f"/attach {notes}")
+    assert "attached notes.txt: text; with your next message: notes.txt" in shown
+    shown = await term.line(f"/attach {tmp_path / 'missing.txt'}")
+    assert "cannot read" in shown
+    binary = tmp_path / "tool.exe"
+    binary.write_bytes(b"MZ" + b"\x00" * 5000)
+    shown = await term.line(f"/attach {binary}")
+    assert "[bad_attachment]" in shown and "executable" in shown
+    shown = await term.line("when is the meeting?")
+    assert "assistant> noon it is" in shown
+    assert provider.requests[-1]["messages"][-1]["content"][1] == {
+        "type": "text",
+        "text": "[Attached file: notes.txt]\nthe meeting is at noon\n",
+    }
+    shown = await term.line("/history")
+    assert "you: when is the meeting? [notes.txt]" in shown
+    assert await term.close() == 0

@@ -129,8 +129,10 @@ async def test_concurrent_sends_through_both_processes_are_answered_in_order(
 
         await alice.until(lambda _e: answered(alice.seen) >= 13, timeout=TIMEOUT * 3)
         page = await alice.request(type="history", conversation_id=conversation_id, limit=200)
-    rows = page["messages"]
-    assert [m["seq"] for m in rows] == list(range(1, 27))  # gap-free and unique
+    rows = page["messages"]  # the active path, root first
+    assert sorted(m["seq"] for m in rows) == list(range(1, 27))  # gap-free and unique
+    # Each send queued behind a reply follows the reply it waited for (issue #20).
+    assert [m["role"] for m in rows] == ["user", "assistant"] * 13
     users = [m for m in rows if m["role"] == "user"]
     replies = [m for m in rows if m["role"] == "assistant"]
     assert len(users) == len(replies) == 13

@@ -98,10 +98,11 @@ async def test_start_reply_opens_the_oldest_waiting_message_with_its_context(
     await store.mark_answered(conv_id, 1)
     again = await store.start_reply(conv_id, default_model="openai/default")
     assert again is not None and again.message.id == second.message.id
-    assert [m.content for m in again.context] == ["one", "two", "ok"]  # in seq order
+    # A queued message follows the reply it waited for: the path, not seq order.
+    assert [m.content for m in again.context] == ["one", "ok", "two"]
     assert again.row.model == "openai/b"  # what the send asked for
-    context, row = await store.open_turn(conv_id, upto_user_seq=2, model="openai/b")
-    assert [m.content for m in context] == ["one", "two", "ok"]  # not the streaming row
+    context, row = await store.open_turn(conv_id, parent_id=second.message.id, model="openai/b")
+    assert [m.content for m in context] == ["one", "ok", "two"]  # not the streaming row
     assert row.seq == again.row.seq + 1
     await store.mark_answered(conv_id, 2)
     assert await store.start_reply(conv_id, default_model="openai/default") is None

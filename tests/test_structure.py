@@ -24,13 +24,15 @@ ALLOWED: dict[str, set[str]] = {
     "cortex.protocol": {"cortex.errors"},
     "ops": BASE,
     "store": BASE | {"ops"},
-    "llm": BASE | {"ops"},
+    "llm": BASE | {"ops", "attachments"},
     "tools": BASE | {"ops"},
     "fanout": BASE | {"ops"},
     "auth": BASE | {"ops", "store"},
-    "pipeline": BASE | {"ops", "store", "llm", "tools", "fanout"},
-    "server": BASE | {"ops", "store", "auth", "pipeline", "fanout"},
+    "search": BASE | {"ops", "store"},
+    "pipeline": BASE | {"ops", "store", "llm", "tools", "fanout", "search", "attachments"},
+    "server": BASE | {"ops", "store", "auth", "pipeline", "fanout", "attachments"},
     "client": BASE,
+    "attachments": BASE | {"ops"},  # pure: sniffing, image, text and PDF checks, model parts
 }
 TOP = {"cortex.app", "cortex.cli", "cortex.doctor", "cortex.banner", "cortex.__main__"}
 

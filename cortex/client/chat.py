@@ -31,6 +31,8 @@ from .view import Screen, Transcript
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 10.0
 ANSWER_TIMEOUT_S = 15.0
+UPLOAD_PIECE = 256 * 1024  # bytes a binary frame: well within the server's frame limit
+UPLOAD_TIMEOUT_S = 120.0  # a PDF's text is extracted before the answer
 
 
 class ChatClient:
@@ -53,6 +55,7 @@ class ChatClient:
         self.conversation_id = conversation_id
         self.info: dict[str, Any] | None = None  # the open conversation's view, when known
         self.model = model  # for new conversations
+        self.attached: list[dict[str, Any]] = []  # /attach: they go with the next message
         self.ws: ClientConnection | None = None
         self.outbox: dict[str, dict[str, Any]] = {}  # client_msg_id -> send, until acknowledged
         self.listing: list[dict[str, Any]] = []  # the last /list, for /open N
@@ -275,6 +278,8 @@ class ChatClient:
             self.screen.note("(this conversation was deleted; your next message starts a new one)")
             self.leave_conversation()
             return
+        if event.get("active_leaf_id"):
+            self.screen.note("(the conversation moved to another branch: /history shows it)")
         view = event.get("conversation") or {}
         before = self.info or {}
         if before and view.get("title") != before.get("title"):
@@ -327,6 +332,34 @@ class ChatClient:
             return None
         return answer
 
+    async def upload(self, data: bytes, filename: str) -> dict[str, Any] | None:
+        """Send a file (the `upload` frame, then its bytes) and wait for its `attachment`."""
+        rid = f"c{next(self._ids)}"
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = future
+        frame = {"type": "upload", "filename": filename, "size": len(data), "request_id": rid}
+        try:
+            if not await self.send_frame(frame):
+                self.screen.note("(not connected; try again in a moment)")
+                return None
+            ws = self.ws
+            for start in range(0, len(data), UPLOAD_PIECE):
+                if future.done() or ws is None:
+                    break  # refused already: no need to send the rest
+                await ws.send(data[start : start + UPLOAD_PIECE])
+            async with asyncio.timeout(UPLOAD_TIMEOUT_S):
+                answer = await future
+        except (ConnectionError, ConnectionClosed, TimeoutError):
+            self.screen.note("(no answer: the connection was lost)")
+            return None
+        finally:
+            self._waiting.pop(rid, None)
+        if answer.get("type") == "error":
+            self.screen.error(f"[{answer.get('code')}] {answer.get('message')}")
+            return None
+        attachment: dict[str, Any] = answer["attachment"]
+        return attachment
+
     async def send_message(self, content: str) -> None:
         client_msg_id = uuid.uuid4().hex
         frame: dict[str, Any] = {
@@ -335,6 +368,9 @@ class ChatClient:
             "client_msg_id": client_msg_id,
             "request_id": f"send:{client_msg_id}",
         }
+        if self.attached:
+            frame["attachments"] = [a["id"] for a in self.attached]
+            self.attached = []
         if self.conversation_id is not None:
             frame["conversation_id"] = self.conversation_id
         elif self.model:

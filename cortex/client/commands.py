@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from .view import Screen, Transcript
@@ -28,6 +30,10 @@ class Session(Protocol):
 
     async def send_message(self, content: str) -> None: ...
 
+    async def upload(self, data: bytes, filename: str) -> dict[str, Any] | None: ...
+
+    attached: list[dict[str, Any]]
+
 
 HISTORY_LINES = 20
 HELP = """commands:
@@ -35,10 +41,18 @@ HELP = """commands:
   /list            your conversations, newest first
   /open ID|N       open a conversation by id (or its number in /list) and show its end
   /history [N]     the last N messages of this conversation (default 20)
+  /search WORDS    search your conversations: words, "a phrase", prefix*, -excluded
   /cancel          stop the reply in progress (or press Ctrl+C)
   /model [NAME]    show or set the model (of this conversation, or of the next new one)
   /rename TITLE    rename this conversation
   /delete          delete this conversation and its messages
+  /edit TEXT       replace your last message with TEXT (a new branch) and get a new reply
+  /retry           another reply to your last message (a new branch)
+  /branches        the other branches along this conversation, numbered
+  /switch N        go to branch N of /branches
+  /delete N        delete branch N of /branches (and everything beneath it)
+  /fork            a new conversation with a copy of this one's path
+  /attach PATH     attach a file (image, text, PDF) to your next message
   /help            this list
   /quit            leave (or Ctrl+D; Ctrl+C twice)
 A line starting with // sends the rest of it, starting with /."""
@@ -55,11 +69,19 @@ class Commands:
             "list": self.list_conversations,
             "open": self.open,
             "history": self.history,
+            "search": self.search,
             "cancel": self.cancel,
             "model": self.model,
             "rename": self.rename,
             "delete": self.delete,
+            "edit": self.edit,
+            "retry": self.retry,
+            "branches": self.branches,
+            "switch": self.switch,
+            "fork": self.fork,
+            "attach": self.attach,
         }
+        self.alternatives: list[str] = []  # the branches /branches numbered
 
     async def run(self, line: str) -> None:
         """Run a command line, or send the line as a message."""
@@ -156,6 +178,28 @@ class Commands:
             client.screen.note(f"— the last {len(messages)} messages —")
             Transcript(client.screen).history(messages)  # a printout: the live state is kept
 
+    async def search(self, argument: str) -> None:
+        client = self.client
+        if not argument:
+            client.screen.note('usage: /search WORDS ("a phrase", prefix*, -excluded)')
+            return
+        answer = await client.request({"type": "search", "query": argument, "limit": 20})
+        if answer is None:
+            return
+        items = answer.get("items", [])
+        if not items:
+            client.screen.note("(no hits)")
+        for number, hit in enumerate(items, start=1):
+            title = hit.get("conversation_title") or "(untitled)"
+            where = "title" if hit["kind"] == "title" else f"{hit.get('role')} #{hit.get('seq')}"
+            client.screen.line(f"{number:>3}. {title}  [{where}]  {hit['conversation_id']}")
+            snippet = client.screen.marked(hit.get("snippet", ""), hit.get("highlights", []))
+            client.screen.line(f"     {snippet}")
+        if answer.get("next_cursor"):
+            client.screen.note("  (more hits: narrow the search)")
+        if items:
+            client.screen.note("  (/open ID opens a conversation)")
+
     async def cancel(self, _argument: str) -> None:
         client = self.client
         if client.conversation_id is None or not client.transcript.replying:
@@ -189,10 +233,148 @@ class Commands:
             {"type": "rename", "conversation_id": client.conversation_id, "title": argument}
         )
 
-    async def delete(self, _argument: str) -> None:
+    async def attach(self, argument: str) -> None:
+        """Upload a file now; it goes with the next message."""
+        client = self.client
+        if not argument:
+            client.screen.note("usage: /attach PATH (then type your message)")
+            return
+        path = Path(argument)
+        try:
+            data = await asyncio.to_thread(lambda: path.expanduser().read_bytes())
+        except OSError as exc:
+            client.screen.note(f"(cannot read {path}: {exc.strerror or exc})")
+            return
+        attachment = await client.upload(data, path.name)
+        if attachment is None:
+            return
+        client.attached.append(attachment)
+        what = attachment["kind"]
+        if attachment.get("width"):
+            what += f" {attachment['width']}x{attachment['height']}"
+        elif attachment.get("pages"):
+            what += f", {attachment['pages']} pages"
+        names = ", ".join(a["filename"] for a in client.attached)
+        client.screen.note(
+            f"(attached {attachment['filename']}: {what}; with your next message: {names})"
+        )
+
+    async def delete(self, argument: str) -> None:
         client = self.client
         if client.conversation_id is None:
             client.screen.note("(no conversation open)")
             return
+        if argument:
+            await self._branch_frame("delete_branch", argument)
+            return
         if await client.request({"type": "delete", "conversation_id": client.conversation_id}):
             client.leave_conversation()  # the `conversation` {deleted} event said so already
+
+    # ---- branches (docs/protocol.md, "Branches") ---------------------------------------------
+
+    async def _path(self) -> list[dict[str, Any]]:
+        """The active path's newest messages (history reads the active path)."""
+        client = self.client
+        if client.conversation_id is None:
+            client.screen.note("(no conversation open)")
+            return []
+        page = await client.request(
+            {"type": "history", "conversation_id": client.conversation_id, "limit": 200}
+        )
+        return list(page.get("messages", [])) if page is not None else []
+
+    async def edit(self, argument: str) -> None:
+        client = self.client
+        if not argument:
+            client.screen.note("usage: /edit TEXT (replaces your last message)")
+            return
+        mine = [m for m in await self._path() if m["role"] == "user"]
+        if not mine:
+            client.screen.note("(no message of yours to edit)")
+            return
+        client.transcript.replying = True
+        frame = {
+            "type": "edit",
+            "conversation_id": client.conversation_id,
+            "message_id": mine[-1]["id"],
+            "content": argument,
+        }
+        if await client.request(frame) is None:
+            client.transcript.replying = False
+
+    async def retry(self, _argument: str) -> None:
+        client = self.client
+        replies = [m for m in await self._path() if m["role"] == "assistant"]
+        if not replies:
+            client.screen.note("(no reply to retry)")
+            return
+        client.transcript.replying = True
+        frame = {
+            "type": "regenerate",
+            "conversation_id": client.conversation_id,
+            "message_id": replies[-1]["id"],
+        }
+        if await client.request(frame) is None:
+            client.transcript.replying = False
+
+    async def branches(self, _argument: str) -> None:
+        client = self.client
+        self.alternatives = []
+        for message in await self._path():
+            siblings = message.get("sibling_ids") or [message["id"]]
+            if len(siblings) < 2:
+                continue
+            place = siblings.index(message["id"]) + 1
+            client.screen.line(
+                f"  at {message['role']} {_quote(message['content'])} ({place}/{len(siblings)}):"
+            )
+            for other in siblings:
+                if other == message["id"]:
+                    continue
+                self.alternatives.append(other)
+                client.screen.line(
+                    f"  {len(self.alternatives):>3}. branch {place_of(siblings, other)}"
+                )
+        if not self.alternatives:
+            client.screen.note("(no other branches along this conversation)")
+
+    async def switch(self, argument: str) -> None:
+        await self._branch_frame("switch_branch", argument)
+
+    async def _branch_frame(self, kind: str, argument: str) -> None:
+        client = self.client
+        if not argument.isdigit() or not 1 <= int(argument) <= len(self.alternatives):
+            client.screen.note("usage: /switch N or /delete N, N from /branches")
+            return
+        target = self.alternatives[int(argument) - 1]
+        answer = await client.request(
+            {"type": kind, "conversation_id": client.conversation_id, "message_id": target}
+        )
+        if answer is not None:
+            self.alternatives = []
+            await self.history("")
+
+    async def fork(self, _argument: str) -> None:
+        client = self.client
+        path = await self._path()
+        if not path:
+            return
+        answer = await client.request(
+            {
+                "type": "fork",
+                "conversation_id": client.conversation_id,
+                "message_id": path[-1]["id"],
+            }
+        )
+        if answer is not None:
+            client.screen.note(f"(forked into {answer['conversation_id']})")
+            await self.open(str(answer["conversation_id"]))
+
+
+def place_of(siblings: list[str], message_id: str) -> str:
+    return f"{siblings.index(message_id) + 1}/{len(siblings)}"
+
+
+def _quote(text: str, limit: int = 40) -> str:
+    line = " ".join(text.split())
+    return repr(line if len(line) <= limit else line[: limit - 1] + "…")

@@ -57,6 +57,16 @@ class Screen:
         """A dim line about the client itself (connection, commands)."""
         self.line(self._style(text, "2"))
 
+    def marked(self, text: str, ranges: list[list[int]]) -> str:
+        """`text` with the [start, end) `ranges` in bold, or between * without colour."""
+        out, at = [], 0
+        for start, end in sorted(ranges):
+            if at <= start < end <= len(text):
+                part = text[start:end]
+                out += [text[at:start], self._style(part, "1") if self.color else f"*{part}*"]
+                at = end
+        return "".join([*out, text[at:]])
+
     def error(self, text: str) -> None:
         self.line(self._style(text, "31"))
 
@@ -134,7 +144,7 @@ class Transcript:
         seq, role, status = int(message["seq"]), message["role"], message["status"]
         self.seen(seq)
         if role == "assistant":
-            if status == "streaming":
+            if status in ("streaming", "queued"):  # queued: a regenerate's row, not yet begun
                 self._printed.setdefault(message["id"], 0)
             else:
                 self._finish(message)
@@ -143,7 +153,7 @@ class Transcript:
             return
         self._shown.add(seq)
         if role == "user" and seq not in self.mine:
-            self.screen.line(f"you (another client): {message['content']}")
+            self.screen.line(f"you (another client): {message['content']}{_files(message)}")
         elif role == "tool":
             pass  # announced by tool_call / tool_result
 
@@ -190,7 +200,7 @@ class Transcript:
             self.seen(seq)
             self._shown.add(seq)
             content = message.get("content") or ""
-            if role == "assistant" and message["status"] == "streaming":
+            if role == "assistant" and message["status"] in ("streaming", "queued"):
                 # Still being written: show it so far; its deltas carry on from here.
                 self._printed[message["id"]] = 0
                 self._show(message["id"], content)
@@ -202,7 +212,13 @@ class Transcript:
                 if message["status"] != "complete":
                     self.screen.note(f"  [reply {message['status']}]")
             elif role == "user":
-                self.screen.line(f"{SAID}{content}")
+                self.screen.line(f"{SAID}{content}{_files(message)}")
+
+
+def _files(message: dict[str, Any]) -> str:
+    """A message's attachments as the terminal shows them: " [cat.png, notes.txt]"."""
+    names = [str(a.get("filename")) for a in message.get("attachments") or ()]
+    return f" [{', '.join(names)}]" if names else ""
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -25,6 +25,15 @@ class Subscriber(Protocol):
 # A conversation with many subscribers here gets its deltas at most every
 # FLUSH_US_PER_SUBSCRIBER x subscribers (capped at FLUSH_MAX_S): each frame costs every one of them
 # a socket write, and a reply watched by 1,000 people reads as well at 10 frames a second.
+# Every connection of a user is subscribed to its user's topic, beside its conversations: the
+# user's conversation list changes (new, fork, rename, delete) reach every tab's sidebar.
+USER_TOPIC = "user:"
+
+
+def user_topic(owner: str) -> str:
+    return USER_TOPIC + owner
+
+
 FLUSH_US_PER_SUBSCRIBER = 100
 FLUSH_MAX_S = 0.1
 
@@ -134,6 +143,17 @@ class Hub:
         """Send one event (deltas before it are already out)."""
         self.deliver_local(conversation_id, frame)
 
+    def publish_except(self, topic: str, frame: str, skip: Subscriber | None) -> None:
+        """An event of a topic with no deltas (a user's), to all its subscribers but `skip`
+        (the client that asked, which has its answer), on every process."""
+        for sub in tuple(self._subs.get(topic, ())):
+            if sub is not skip:
+                sub.deliver(frame)
+        self.relay(topic, frame)
+
+    def relay(self, topic: str, frame: str) -> None:
+        """Hand an event to the other processes' subscribers: there are none here."""
+
     def subscribe(self, conversation_id: str, sub: Subscriber) -> None:
         self._subs.setdefault(conversation_id, {})[sub] = None
         self._by_sub.setdefault(sub, set()).add(conversation_id)
@@ -166,7 +186,10 @@ class Hub:
     def subscriber_count(self, conversation_id: str | None = None) -> int:
         if conversation_id is not None:
             return len(self._subs.get(conversation_id, {}))
-        return sum(len(subs) for subs in self._subs.values())
+        # Conversations only: every connection also listens on its user's topic.
+        return sum(
+            len(subs) for topic, subs in self._subs.items() if not topic.startswith(USER_TOPIC)
+        )
 
     def publish(self, conversation_id: str, frame: str) -> None:
         """Hand one encoded event to every subscriber of the conversation, in order."""

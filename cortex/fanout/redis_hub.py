@@ -103,6 +103,9 @@ class RedisHub(Hub):
         self.deliver_local(conversation_id, frame)
         self._send(("PUBLISH", EVENTS + conversation_id, f"{self.origin}\n{frame}"))
 
+    def relay(self, topic: str, frame: str) -> None:
+        self._send(("PUBLISH", EVENTS + topic, f"{self.origin}\n{frame}"))
+
     def emit_delta(self, conversation_id: str, message_id: str, offset: int, text: str) -> None:
         frame = delta_frame(conversation_id, message_id, offset, text)
         self.deliver_local(conversation_id, frame)

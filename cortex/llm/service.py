@@ -38,6 +38,7 @@ from .events import (
 )
 from .mock import MOCK_LITELLM_MODEL, mock_reply
 from .silence import SilenceTimer
+from .window import has_parts, trim_parts
 
 # The share of a model's input window a trimmed history may fill (LiteLLM's default ratio).
 TRIM_RATIO = 0.75
@@ -393,6 +394,8 @@ class LlmService:
         window = self._litellm.model_cost[chosen].get("max_input_tokens")
         if isinstance(window, int) and _most_tokens(messages) < window * TRIM_RATIO:
             return messages
+        if isinstance(window, int) and has_parts(messages):  # attachments: LiteLLM's trim fails
+            return trim_parts(self._litellm, messages, chosen, int(window * TRIM_RATIO))
         try:
             trimmed = self._litellm.utils.trim_messages(
                 messages, model=chosen, trim_ratio=TRIM_RATIO

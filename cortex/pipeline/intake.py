@@ -6,19 +6,22 @@ The message is acknowledged only once it is committed; its reply is the workers'
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Container
+from collections.abc import Container, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
 from ..errors import BadFrame, NotFound
-from ..fanout.hub import Hub, Subscriber
+from ..fanout.hub import Hub, Subscriber, user_topic
+from ..llm.vision import takes_images
 from ..ops.telemetry import Telemetry
 from ..protocol import Ack, Send
+from .files import Files, attachment_view
 from .live import Live
-from .views import message_event
+from .views import listed_event, message_event
 from .workers import Workers
 
 if TYPE_CHECKING:
+    from ..store.models import Attachment
     from ..store.repo import Store
 
 
@@ -35,7 +38,9 @@ class Intake:
         workers: Workers,
         tool_names: Container[str],
         telemetry: Telemetry,
+        files: Files | None = None,
     ) -> None:
+        self.files = files
         self.settings = settings
         self.store = store
         self.hub = hub
@@ -46,6 +51,8 @@ class Intake:
 
     async def send(self, owner: str, frame: Send, client: Subscriber) -> None:
         """Store a user message, ack it, announce it, and queue its reply."""
+        if frame.parent_id is not None and frame.conversation_id is None:
+            raise BadFrame("parent_id names a message of conversation_id, which is missing")
         model = frame.model
         if model is not None and not self.settings.is_model_allowed(model):
             raise BadFrame(f"model {model!r} is not enabled on this server")
@@ -53,8 +60,40 @@ class Intake:
         unknown = [name for name in tools or () if name not in self.tool_names]
         if unknown:
             raise BadFrame(f"unknown tools: {', '.join(unknown)}")
+        attached = await self.checked_attachments(
+            owner, frame.attachments, model=model, conversation_id=frame.conversation_id
+        )
         with self.workers.accepting():  # Unavailable once the server is shutting down
-            await self._store(owner, frame, client, model, tools)
+            await self._store(owner, frame, client, model, tools, attached)
+
+    async def checked_attachments(
+        self,
+        owner: str,
+        ids: Sequence[str] | None,
+        *,
+        model: str | None,
+        conversation_id: str | None,
+    ) -> list[Attachment]:
+        """The attachments a `send` or an `edit` names: the owner's, and images only for a
+        model that takes them (checked before anything is stored)."""
+        if not ids:
+            return []
+        if self.files is None:
+            raise BadFrame("this server takes no attachments")
+        rows = await self.files.for_send(owner, ids)
+        if any(row.kind == "image" for row in rows):
+            if model is None and conversation_id is not None:
+                conv = await self.store.get_conversation(conversation_id, owner=owner)
+                if conv is None:
+                    raise NotFound("no such conversation")
+                model = conv.model
+            model = model or self.settings.model()
+            if not takes_images(model, self.settings.vision_models):
+                raise BadFrame(
+                    f"model {model!r} does not take images: pick a vision model, or add it to "
+                    "CORTEX_VISION_MODELS if it takes them"
+                )
+        return rows
 
     async def _store(
         self,
@@ -63,6 +102,7 @@ class Intake:
         client: Subscriber,
         model: str | None,
         tools: tuple[str, ...] | None,
+        attached: list[Attachment],
     ) -> None:
         connection_id = getattr(client, "id", None)
         lock: contextlib.AbstractAsyncContextManager[Any]
@@ -84,6 +124,7 @@ class Intake:
                 model=model,
                 system_prompt=frame.system_prompt,
                 temperature=frame.temperature,
+                parent_id=frame.parent_id,
                 reply_options=reply_options(
                     model,
                     tools,
@@ -91,11 +132,12 @@ class Intake:
                     request_id=frame.request_id,
                     connection_id=connection_id,
                 ),
+                attachment_ids=[row.id for row in attached],
             )
             if stored is None:
                 raise NotFound("no such conversation")
             conv, message = stored.conversation, stored.message
-            if not stored.created and message.content != frame.content:
+            if not stored.created and (message.role != "user" or message.content != frame.content):
                 # An idempotency key names one message: reusing it for another is a mistake
                 # the client must hear about, not a silent drop of the new text.
                 raise BadFrame("client_msg_id already used for another message")
@@ -110,9 +152,12 @@ class Intake:
             )
             if not stored.created:
                 return  # an idempotent retry: acknowledged again, nothing else
-            self.hub.publish(conv.id, message_event(message))
+            views = [attachment_view(row) for row in attached]
+            self.hub.publish(conv.id, message_event(message, attachments=views))
         if frame.conversation_id is None:
             await self.hub.watch(conv.id)
+            # Other tabs' sidebars (the sender has its ack).
+            self.hub.publish_except(user_topic(owner), listed_event(conv), client)
         self.telemetry.message_stored(
             user=owner,
             conversation_id=conv.id,

@@ -44,6 +44,7 @@ class PendingReply:
     temperature: float | None = None  # this reply only; else the conversation's
     request_id: str | None = None  # of the send, for the logs
     connection_id: int | None = None
+    first_seq: int = 0  # of the reply's first row: an edit stored after it supersedes it
 
     def stop(self, *, interrupted: bool = False) -> None:
         """Stop the model stream (a cancel, or a shutdown when `interrupted`)."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import MOCK_MODEL, Settings
 from ..errors import BadFrame, CortexError, NotFound
-from ..fanout.hub import Hub, Subscriber
+from ..fanout.hub import Hub, Subscriber, user_topic
 from ..ops.telemetry import ReplyTrace, Telemetry
 from ..protocol import Ack, Configure, ConversationEvent, Delete, Rename
 from ..store.repo import default_title
@@ -130,6 +130,7 @@ class ConversationManager:
         if not subscribed:
             client.deliver(gone)
         self.hub.forget(conversation_id)
+        self.hub.publish_except(user_topic(owner), gone, client)  # other tabs drop it too
         client.deliver(Ack(conversation_id=conversation_id, request_id=frame.request_id).encode())
         self.telemetry.conversation_changed(
             "delete", user=owner, conversation_id=conversation_id, messages=removed
@@ -143,6 +144,7 @@ class ConversationManager:
         if client is not None and not self.hub.is_subscribed(conv.id, client):
             client.deliver(frame)
         self.hub.publish(conv.id, frame)
+        self.hub.publish_except(user_topic(conv.owner), frame, client)  # other tabs' sidebars
 
     # ---- automatic titles ---------------------------------------------------------------
 
@@ -167,7 +169,9 @@ class ConversationManager:
         conv = await self.store.get_conversation_any(conversation_id)
         if conv is None:
             return
-        rows = await self.store.context(conversation_id, upto_user_seq=1)
+        if conv.active_leaf_id is None:
+            return
+        rows = await self.store.context(conversation_id, upto_id=conv.active_leaf_id)
         said = next((r.content for r in rows if r.role == "user"), "")
         answered = next((r.content for r in rows if r.role == "assistant" and r.content), "")
         # Only the title a conversation starts with is replaced: one a user set (before this

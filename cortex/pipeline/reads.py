@@ -12,19 +12,25 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..config import Settings
 from ..errors import NotFound
-from ..fanout.hub import Hub, Subscriber
+from ..fanout.hub import USER_TOPIC, Hub, Subscriber
 from ..protocol import (
     Ack,
+    AttachmentView,
     ConversationsPage,
     ConversationView,
     DeltaFrame,
     HistoryPage,
     MessageView,
+    Search,
+    SearchHit,
+    SearchResults,
     Typing,
     delta_frame,
 )
+from ..search.service import run_search
+from .files import Files
 from .live import Live
-from .views import conversation_view, message_event, message_view
+from .views import conversation_view, message_event, message_view, search_hit
 
 if TYPE_CHECKING:
     from ..fanout.leases import RedisLeases
@@ -52,7 +58,9 @@ class Reads:
         hub: Hub,
         live: Live,
         leases: RedisLeases | None = None,
+        files: Files | None = None,
     ) -> None:
+        self.files = files  # attachments, shown with their messages
         self.settings = settings
         self.store = store
         self.hub = hub
@@ -84,18 +92,25 @@ class Reads:
         try:
             await self.hub.watch(conversation_id)
             if after_seq is not None:
-                cursor = after_seq
-                while True:
-                    rows, more = await self.store.messages(
-                        conversation_id, after_seq=cursor, limit=CATCH_UP_PAGE
+                # The active path (and user messages waiting for their turn), not the other
+                # branches: a client draws what the model sees.
+                owed = await self.store.catch_up(conversation_id, after_seq=after_seq)
+                for start in range(0, len(owed), CATCH_UP_PAGE):
+                    rows, siblings = await self.store.messages_by_ids(
+                        conversation_id, owed[start : start + CATCH_UP_PAGE]
                     )
+                    files = await self.attachments_of(rows)
                     for row in rows:
                         streaming = row.status == "streaming"
                         await client.room()  # long messages go out as the client reads them
-                        client.deliver(message_event(row, content="" if streaming else None))
-                    if not more or not rows:
-                        break
-                    cursor = rows[-1].seq
+                        client.deliver(
+                            message_event(
+                                row,
+                                content="" if streaming else None,
+                                sibling_ids=siblings.get(row.parent_id),
+                                attachments=files.get(row.id),
+                            )
+                        )
             if await self.replying(conversation_id):
                 client.deliver(Typing(conversation_id=conversation_id, active=True).encode())
             self.hub.flush(conversation_id)  # joined deltas not yet out land in the buffer
@@ -116,9 +131,13 @@ class Reads:
         """Events of the conversation may have been lost since `since` (Redis was away): hand
         this process's subscribers every message that changed meanwhile, and the typing state.
         A reply still streaming goes on at offsets past what they have: they resubscribe."""
+        if conversation_id.startswith(USER_TOPIC):
+            return  # a user's topic, not a conversation: it has no stored messages
         deliver = self.hub.deliver_local
-        for row in await self.store.messages_changed_since(conversation_id, since):
-            deliver(conversation_id, message_event(row))
+        rows = await self.store.messages_changed_since(conversation_id, since)
+        files = await self.attachments_of(rows)
+        for row in rows:
+            deliver(conversation_id, message_event(row, attachments=files.get(row.id)))
         active = await self.replying(conversation_id)
         deliver(conversation_id, Typing(conversation_id=conversation_id, active=active).encode())
 
@@ -142,19 +161,58 @@ class Reads:
             text = row.content  # the last checkpoint (Redis lost it, or never had it)
         return row.id, text
 
-    def view(self, row: Message) -> MessageView:
+    def view(
+        self,
+        row: Message,
+        sibling_ids: list[str] | None = None,
+        attachments: list[AttachmentView] | None = None,
+    ) -> MessageView:
         """A stored message as clients see it, with the live text if it is streaming here."""
-        return message_view(row, content=self.live.text_of(row.conversation_id, row.id))
+        return message_view(
+            row,
+            content=self.live.text_of(row.conversation_id, row.id),
+            sibling_ids=sibling_ids,
+            attachments=attachments,
+        )
+
+    async def attachments_of(self, rows: list[Message]) -> dict[str, list[AttachmentView]]:
+        """The attachments of the user messages among `rows`, by message id."""
+        ids = [row.id for row in rows if row.role == "user"]
+        if self.files is None or not ids:
+            return {}
+        return await self.files.views(ids)
 
     async def history(
-        self, owner: str, conversation_id: str, *, before_seq: int | None, limit: int
+        self,
+        owner: str,
+        conversation_id: str,
+        *,
+        before_seq: int | None,
+        limit: int,
+        leaf_id: str | None = None,
+        around_seq: int | None = None,
     ) -> tuple[list[MessageView], bool]:
-        """A page of messages, newest before `before_seq`, in seq order; and whether more."""
+        """A page of the active path (or of the path to `leaf_id`), root first: the newest
+        messages before `before_seq` on it; and whether older ones precede them.
+
+        With `around_seq` (opening a search hit deep in a conversation) the page is centred on
+        that message instead: half the page before it, it and the rest after, on the path that
+        runs through it (down its branch as last active, unless `leaf_id` names the path).
+        """
         await self.conversation(owner, conversation_id)
-        rows, more = await self.store.messages(
-            conversation_id, before_seq=before_seq, limit=min(limit, self.settings.history_page_max)
+        page = await self.store.path_page(
+            conversation_id,
+            leaf_id=leaf_id,
+            before_seq=before_seq,
+            around_seq=around_seq,
+            limit=min(limit, self.settings.history_page_max),
         )
-        return [self.view(r) for r in rows], more
+        if page is None:
+            raise NotFound("no such message in this conversation")
+        files = await self.attachments_of(page.rows)
+        return [
+            self.view(r, page.siblings.get(r.parent_id), files.get(r.id)) for r in page.rows
+        ], page.more
 
     async def history_frame(
         self,
@@ -164,10 +222,50 @@ class Reads:
         before_seq: int | None,
         limit: int,
         request_id: str | None = None,
+        leaf_id: str | None = None,
+        around_seq: int | None = None,
     ) -> str:
-        views, more = await self.history(owner, conversation_id, before_seq=before_seq, limit=limit)
+        views, more = await self.history(
+            owner,
+            conversation_id,
+            before_seq=before_seq,
+            limit=limit,
+            leaf_id=leaf_id,
+            around_seq=around_seq,
+        )
         return HistoryPage.model_construct(
             conversation_id=conversation_id, messages=views, has_more=more, request_id=request_id
+        ).encode()
+
+    # ---- search (docs/search.md) ----
+
+    async def search(
+        self, owner: str, *, query: str, limit: int, **options: str | None
+    ) -> tuple[list[SearchHit], str | None]:
+        """A page of the owner's search hits and the next page's cursor; `options` are the
+        cursor and the filters (conversation_id, role, after, before), as the client sent them."""
+        hits, next_cursor = await run_search(
+            self.store,
+            owner=owner,
+            query=query,
+            limit=min(limit, self.settings.history_page_max),
+            **options,
+        )
+        return [search_hit(h) for h in hits], next_cursor
+
+    async def search_frame(self, owner: str, frame: Search) -> str:
+        items, next_cursor = await self.search(
+            owner,
+            query=frame.query,
+            limit=frame.limit,
+            cursor=frame.cursor,
+            conversation_id=frame.conversation_id,
+            role=frame.role,
+            after=frame.after,
+            before=frame.before,
+        )
+        return SearchResults.model_construct(
+            items=items, next_cursor=next_cursor, request_id=frame.request_id
         ).encode()
 
     async def conversations(

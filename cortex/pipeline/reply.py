@@ -20,6 +20,7 @@ from ..fanout.hub import Hub
 from ..llm.events import Finish, LlmBackend, TextDelta, ToolCall, ToolCalls, UsageInfo
 from ..ops.telemetry import ReplyTrace, Telemetry
 from ..protocol import ErrorEvent, Typing
+from .files import Files
 from .live import ActiveReply, Live, PendingReply
 from .tool_loop import ToolLoop
 from .views import message_event, openai_messages
@@ -72,7 +73,9 @@ class Replies:
         live: Live,
         tool_loop: ToolLoop,
         telemetry: Telemetry,
+        files: Files | None = None,
     ) -> None:
+        self.files = files  # attachments: the model gets their parts
         self.settings = settings
         self.store = store
         self.hub = hub
@@ -110,7 +113,7 @@ class Replies:
                 if not result.calls or pending.stopped:
                     return
                 rounds += 1
-                await self.tool_loop.run(
+                tail = await self.tool_loop.run(
                     conversation_id,
                     result.message_id,
                     result.calls,
@@ -122,12 +125,12 @@ class Replies:
                 if pending.stopped:  # cancelled during the tools: no further turn
                     return
                 if rounds >= self.settings.max_tool_rounds:
-                    await self.tool_loop.limit_reached(conversation_id, plan.model)
+                    await self.tool_loop.limit_reached(conversation_id, plan.model, tail)
                     plan.trace.failed("tool_error")
                     return
                 async with self.live.lock(conversation_id):
                     context, row = await self.store.open_turn(
-                        conversation_id, upto_user_seq=pending.seq, model=plan.model
+                        conversation_id, parent_id=tail, model=plan.model
                     )
                     self.hub.publish(conversation_id, message_event(row))
         finally:
@@ -152,7 +155,7 @@ class Replies:
         try:
             if pending.stopped:
                 raise asyncio.CancelledError  # stopped before it started: nothing to stream
-            messages = self._trim(openai_messages(context), plan.model)
+            messages = self._trim(await self._model_messages(context), plan.model)
             stream = asyncio.ensure_future(
                 self._stream(conversation_id, active, result, messages, plan)
             )
@@ -191,6 +194,16 @@ class Replies:
             )
             await self._finish_row(conversation_id, active, result, status, error)
         return result
+
+    async def _model_messages(self, context: list[ContextMessage]) -> list[dict[str, Any]]:
+        """The context in OpenAI's format, user messages with attachments as content parts
+        (images come scaled from `Files.for_model`; their base64, megabytes, is made in a
+        thread rather than on the loop)."""
+        ids = [row.id for row in context if row.role == "user" and row.id is not None]
+        found = await self.files.for_model(ids) if self.files is not None and ids else {}
+        if not found:
+            return openai_messages(context)
+        return await asyncio.to_thread(openai_messages, context, found)
 
     def _trim(self, messages: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
         trim = getattr(self.llm, "trim", None)

@@ -21,6 +21,8 @@ from ..fanout.hub import Hub, Subscriber
 from ..llm.events import LlmBackend
 from ..ops.telemetry import Telemetry
 from ..protocol import Send
+from .branches import Branches
+from .files import Files
 from .intake import Intake
 from .live import Live
 from .reads import Reader, Reads
@@ -51,8 +53,10 @@ class Router:
         telemetry = telemetry if telemetry is not None else Telemetry(settings)
         self.leases = leases
         live = Live()
+        self.files = Files(settings=settings, store=store)  # attachments
         tool_loop = ToolLoop(settings=settings, store=store, hub=hub, live=live, tools=tools)
         replies = Replies(
+            files=self.files,
             settings=settings,
             store=store,
             hub=hub,
@@ -75,10 +79,21 @@ class Router:
             hub=hub,
             live=live,
             workers=self.workers,
+            files=self.files,
             tool_names=tool_loop.names,
             telemetry=telemetry,
         )
-        self.reads = Reads(settings=settings, store=store, hub=hub, live=live, leases=leases)
+        self.reads = Reads(
+            settings=settings, store=store, hub=hub, live=live, leases=leases, files=self.files
+        )
+        self.branches = Branches(
+            settings=settings,
+            store=store,
+            hub=hub,
+            live=live,
+            workers=self.workers,
+            intake=self.intake,
+        )
 
     async def send(self, owner: str, frame: Send, client: Subscriber) -> None:
         await self.intake.send(owner, frame, client)
@@ -107,6 +122,7 @@ class Router:
 
     async def sweep(self) -> None:
         await self.workers.sweep()
+        await self.files.sweep()  # uploads no message took, past CORTEX_ATTACHMENT_TTL_S
 
     async def drain(self, grace: float) -> None:
         await self.workers.drain(grace)

@@ -73,8 +73,9 @@ class ToolLoop:
         trace: ReplyTrace,
         user: str | None = None,
         pending: PendingReply | None = None,
-    ) -> None:
-        """Run every call of one turn concurrently; store and announce each result.
+    ) -> str:
+        """Run every call of one turn concurrently; store and announce each result, each under
+        the row before it. The id of the last row stored (the next turn follows it).
 
         A user's `cancel` (through `pending`) cancels the calls in flight, which cancels an MCP
         call at its server; each call still gets a stored result, as the next turn needs one.
@@ -104,10 +105,12 @@ class ToolLoop:
         finally:
             if pending is not None:
                 pending.interruptible = None
+        tail = message_id
         for call, outcome in zip(calls, results, strict=True):
             async with self.live.lock(conversation_id):
                 row = await self.store.add_message(
                     conversation_id=conversation_id,
+                    parent_id=tail,
                     role="tool",
                     content=outcome.content(),
                     tool_call_id=call.id,
@@ -127,6 +130,8 @@ class ToolLoop:
                     ).encode(),
                 )
                 self.hub.publish(conversation_id, message_event(row))
+                tail = row.id
+        return tail
 
     async def _run_one(
         self, call: ToolCall, allowed: tuple[str, ...] | None, trace: ReplyTrace, user: str | None
@@ -143,12 +148,13 @@ class ToolLoop:
         trace.tool_finished(call.name, outcome.ok, time.monotonic() - started)
         return outcome
 
-    async def limit_reached(self, conversation_id: str, model: str) -> None:
+    async def limit_reached(self, conversation_id: str, model: str, parent_id: str) -> None:
         """The reply used all its tool rounds: say so in a stored message and an error."""
         text = TOOL_LIMIT_TEXT.format(n=self.settings.max_tool_rounds)
         async with self.live.lock(conversation_id):
             row = await self.store.add_message(
                 conversation_id=conversation_id,
+                parent_id=parent_id,
                 role="assistant",
                 content=text,
                 status="error",

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from ..protocol import ConversationView, MessageEvent, MessageView, Usage
+from ..attachments.parts import ModelAttachment, as_is, content_parts
+from ..protocol import (
+    AttachmentView,
+    ConversationEvent,
+    ConversationView,
+    MessageEvent,
+    MessageView,
+    SearchHit,
+    Usage,
+)
+from ..search.index import Hit
 
 
 class MessageRow(Protocol):
@@ -25,6 +35,7 @@ class MessageRow(Protocol):
     finish_reason: str | None
     error_code: str | None
     created_at: datetime
+    parent_id: str | None
 
 
 class ModelMessageRow(Protocol):
@@ -38,6 +49,8 @@ class ModelMessageRow(Protocol):
     def tool_calls(self) -> list[dict[str, Any]] | None: ...
     @property
     def tool_call_id(self) -> str | None: ...
+    @property
+    def id(self) -> str | None: ...
 
 
 class ConversationRow(Protocol):
@@ -49,6 +62,7 @@ class ConversationRow(Protocol):
     created_at: datetime
     updated_at: datetime
     last_seq: int
+    active_leaf_id: str | None
 
 
 def iso(moment: datetime) -> str:
@@ -59,7 +73,13 @@ def iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def message_view(row: MessageRow, *, content: str | None = None) -> MessageView:
+def message_view(
+    row: MessageRow,
+    *,
+    content: str | None = None,
+    sibling_ids: list[str] | None = None,
+    attachments: list[AttachmentView] | None = None,
+) -> MessageView:
     has_usage = row.prompt_tokens is not None or row.completion_tokens is not None
     return MessageView.model_construct(
         id=row.id,
@@ -68,6 +88,8 @@ def message_view(row: MessageRow, *, content: str | None = None) -> MessageView:
         content=row.content if content is None else content,
         status=row.status,
         created_at=iso(row.created_at),
+        parent_id=row.parent_id,
+        sibling_ids=sibling_ids,
         model=row.model,
         tool_calls=row.tool_calls or None,
         tool_call_id=row.tool_call_id,
@@ -80,14 +102,23 @@ def message_view(row: MessageRow, *, content: str | None = None) -> MessageView:
         else None,
         finish_reason=row.finish_reason,
         error_code=row.error_code,
+        attachments=attachments or None,
     )
 
 
-def message_event(row: MessageRow, *, content: str | None = None) -> str:
+def message_event(
+    row: MessageRow,
+    *,
+    content: str | None = None,
+    sibling_ids: list[str] | None = None,
+    attachments: list[AttachmentView] | None = None,
+) -> str:
     return MessageEvent.model_construct(
         conversation_id=row.conversation_id,
         seq=row.seq,
-        message=message_view(row, content=content),
+        message=message_view(
+            row, content=content, sibling_ids=sibling_ids, attachments=attachments
+        ),
     ).encode()
 
 
@@ -101,11 +132,41 @@ def conversation_view(row: ConversationRow) -> ConversationView:
         created_at=iso(row.created_at),
         updated_at=iso(row.updated_at),
         last_seq=row.last_seq,
+        active_leaf_id=row.active_leaf_id,
     )
 
 
-def openai_messages(rows: Sequence[ModelMessageRow]) -> list[dict[str, Any]]:
+def path_event(row: ConversationRow) -> str:
+    """The active path changed: every client of the conversation re-reads `history`."""
+    return ConversationEvent.model_construct(
+        conversation_id=row.id,
+        conversation=conversation_view(row),
+        active_leaf_id=row.active_leaf_id,
+    ).encode()
+
+
+def search_hit(hit: Hit) -> SearchHit:
+    return SearchHit.model_construct(
+        kind=hit.kind,
+        conversation_id=hit.conversation_id,
+        conversation_title=hit.conversation_title,
+        message_id=hit.message_id,
+        seq=hit.seq,
+        role=hit.role,
+        created_at=iso(hit.created_at),
+        snippet=hit.snippet,
+        highlights=list(hit.highlights),
+        on_active_path=hit.on_active_path,
+    )
+
+
+def openai_messages(
+    rows: Sequence[ModelMessageRow],
+    attachments: Mapping[str, list[ModelAttachment]] | None = None,
+) -> list[dict[str, Any]]:
     """History in the order providers require: each assistant tool call followed by its result.
+
+    A user message with attachments (by its id in `attachments`) gets content parts.
 
     A tool call whose result was never stored (a reply cancelled mid-tools) is left out, since
     providers refuse a call without a result.
@@ -123,6 +184,16 @@ def openai_messages(rows: Sequence[ModelMessageRow]) -> list[dict[str, Any]]:
             elif not row.content:
                 continue
             out.append(message)
+        elif attachments and row.role == "user" and row.id is not None and row.id in attachments:
+            parts = content_parts(row.content, attachments[row.id], scale=as_is)  # scaled already
+            out.append({"role": "user", "content": parts})
         elif row.content:
             out.append({"role": row.role, "content": row.content})
     return out
+
+
+def listed_event(row: ConversationRow) -> str:
+    """A conversation in the user's list is new or changed: for every tab's sidebar."""
+    return ConversationEvent.model_construct(
+        conversation_id=row.id, conversation=conversation_view(row)
+    ).encode()

@@ -19,7 +19,7 @@ from ..fanout.hub import Hub
 from ..protocol import Typing
 from .live import Live, PendingReply
 from .reply import Replies
-from .views import message_event
+from .views import message_event, path_event
 
 if TYPE_CHECKING:
     from ..fanout.leases import Lease, RedisLeases
@@ -128,9 +128,16 @@ class Workers:
                     conversation_id, default_model=self.default_model()
                 )
                 if started is not None:
+                    if started.placed is not None:  # a queued message's parent, now fixed
+                        self.hub.publish(conversation_id, message_event(started.placed))
+                    if started.moved:
+                        self.hub.publish(conversation_id, path_event(started.conversation))
                     typing = Typing(conversation_id=conversation_id, active=True).encode()
                     self.hub.publish(conversation_id, typing)
                     self.hub.publish(conversation_id, message_event(started.row))
+                    # Current before the lock is let go: an edit that comes next cancels it.
+                    pending = self._pending_reply(conversation_id, started.message, started.row)
+                    self.live.current[conversation_id] = pending
             if started is None:
                 if conversation_id in self._dirty:
                     continue  # stored while we looked
@@ -138,8 +145,6 @@ class Workers:
             message = started.message
             if message.seq >= self._owed.get(conversation_id, message.seq + 1):
                 del self._owed[conversation_id]
-            pending = self._pending_reply(conversation_id, message)
-            self.live.current[conversation_id] = pending
             if lease is not None:
                 lease.on_lost = lambda p=pending: p.stop(interrupted=True)
             try:
@@ -153,8 +158,9 @@ class Workers:
                 return  # another process owns the conversation now, and settles the row
             await asyncio.shield(self.store.mark_answered(conversation_id, message.seq))
 
-    def _pending_reply(self, conversation_id: str, message: Message) -> PendingReply:
-        options = message.reply_options or {}
+    def _pending_reply(self, conversation_id: str, message: Message, row: Message) -> PendingReply:
+        # A regeneration's own options (its model) win over those of the message it answers.
+        options = (message.reply_options or {}) | (row.reply_options or {})
         tools = options.get("tools")
         pending = PendingReply(
             seq=message.seq,
@@ -163,6 +169,7 @@ class Workers:
             temperature=options.get("temperature"),
             request_id=options.get("request_id"),
             connection_id=options.get("connection_id"),
+            first_seq=row.seq,
         )
         if conversation_id in self._cancel_next:
             self._cancel_next.discard(conversation_id)
@@ -200,11 +207,28 @@ class Workers:
         target.stop()
         return True
 
+    def supersede(self, conversation_id: str, seq: int) -> None:
+        """An edit or regenerate stored at `seq`: the reply running for the old path (any
+        reply begun before it) stops as `cancelled`, here or on a peer. Unlike `cancel`, a
+        reply not yet begun is left alone: it is the new turn's."""
+        self._supersede_here(conversation_id, seq)
+        if self.leases is not None:
+            self.hub.control({"op": "supersede", "conversation_id": conversation_id, "seq": seq})
+
+    def _supersede_here(self, conversation_id: str, seq: int) -> None:
+        target = self.live.current.get(conversation_id)
+        if target is not None and target.first_seq < seq and not target.cancel_requested:
+            target.stop()
+
     def _control(self, message: dict[str, Any]) -> None:
         """A control message from another process."""
         conversation_id = message.get("conversation_id")
-        if message.get("op") == "cancel" and isinstance(conversation_id, str):
+        if not isinstance(conversation_id, str):
+            return
+        if message.get("op") == "cancel":
             self._cancel_here(conversation_id)
+        elif message.get("op") == "supersede" and isinstance(message.get("seq"), int):
+            self._supersede_here(conversation_id, message["seq"])
 
     async def abandon(self, conversation_id: str, *, grace: float = 10.0) -> None:
         """Cancel the conversation's reply and wait for it to stop (it is being deleted):

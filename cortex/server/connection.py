@@ -18,10 +18,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from ..config import Settings
-from ..errors import CortexError, Internal, ProtocolError, RateLimited
-from ..fanout.hub import Hub
+from ..errors import BadFrame, CortexError, Internal, ProtocolError, RateLimited
+from ..fanout.hub import Hub, user_topic
 from ..ops.logs import CONNECTION, CONVERSATION, REQUEST, event
 from ..ops.metrics import INVALID, RATE_LIMITED, Metrics
+from ..pipeline.files import Files
 from ..protocol import (
     DeltaFrame,
     ErrorEvent,
@@ -31,6 +32,7 @@ from ..protocol import (
 )
 from .dispatch import DispatchTable
 from .flood import FloodControl, Verdict
+from .uploads import UploadSlot
 
 log = logging.getLogger("cortex.server")
 _ids = itertools.count(1)
@@ -48,6 +50,7 @@ class Connection:
         dispatch: DispatchTable,
         hub: Hub,
         metrics: Metrics,
+        files: Files | None = None,
     ) -> None:
         s = settings
         self.settings = settings
@@ -70,6 +73,7 @@ class Connection:
             byte_burst=s.rate_bytes_burst,
             strikes=s.rate_strikes,
         )
+        self.uploads = UploadSlot(files, owner, deliver=self.deliver, close=self.close)
         self.closing = False
         self.opened = time.monotonic()
         self.frames_in = 0
@@ -141,6 +145,9 @@ class Connection:
         CONNECTION.set(self.id)  # every line logged while handling this client names it
         writer = asyncio.create_task(self.write_loop(), name=f"writer:{self.id}")
         try:
+            # The user's conversation list changes, from any process (other tabs' sidebars).
+            self.hub.subscribe(user_topic(self.owner), self)
+            await self.hub.watch(user_topic(self.owner))
             async for raw in self.ws:
                 if self.closing:
                     break
@@ -155,11 +162,19 @@ class Connection:
             self._wakeup.set()
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
+            try:
+                await self.uploads.abort()  # a half-sent file leaves nothing behind
+            except Exception:
+                log.exception("could not drop an unfinished upload (the sweep will)")
 
     async def dispatch(self, raw: str | bytes) -> None:
         request_id: str | None = None
         conversation_id: str | None = None
         self.frames_in += 1
+        if isinstance(raw, bytes):
+            # An upload's bytes count against its own size, not the rate limits.
+            await self.uploads.binary(raw)
+            return
         metrics = self.metrics
         verdict = self._flood.admit(len(raw))
         if verdict is not Verdict.ADMIT:
@@ -178,6 +193,11 @@ class Connection:
                 raise
             metrics.frame_in(frame.type)
             request_id = frame.request_id
+            if self.uploads.busy and frame.type != "cancel_upload":
+                raise BadFrame(
+                    f"{frame.type} refused: an upload is in progress; send its bytes, "
+                    "or cancel_upload"
+                )
             conversation_id = getattr(frame, "conversation_id", None)
             request_var = REQUEST.set(request_id)
             conversation_var = CONVERSATION.set(conversation_id)

@@ -16,18 +16,27 @@ from ..protocol import (
     INBOUND_FRAMES,
     Ack,
     Cancel,
+    CancelUpload,
     Configure,
     Conversations,
     Delete,
+    DeleteBranch,
+    Edit,
+    Fork,
     History,
     Inbound,
     Ping,
     Pong,
+    Regenerate,
     Rename,
+    Search,
     Send,
     Subscribe,
+    SwitchBranch,
     Unsubscribe,
+    Upload,
 )
+from .uploads import UploadSlot
 
 
 class Client(Protocol):
@@ -35,6 +44,7 @@ class Client(Protocol):
 
     id: int
     owner: str
+    uploads: UploadSlot
 
     def deliver(self, frame: str) -> None: ...
 
@@ -99,6 +109,8 @@ def frame_handlers(router: Router, manager: ConversationManager, hub: Hub) -> Di
             before_seq=frame.before_seq,
             limit=frame.limit,
             request_id=frame.request_id,
+            leaf_id=frame.leaf_id,
+            around_seq=frame.around_seq,
         )
         client.deliver(page)
 
@@ -131,6 +143,42 @@ def frame_handlers(router: Router, manager: ConversationManager, hub: Hub) -> Di
     @table.on(Configure)
     async def configure(frame: Configure, client: Client) -> None:
         await manager.configure(client.owner, frame, client)
+
+    # ---- the conversation tree (pipeline/branches) ----
+
+    @table.on(Edit)
+    async def edit(frame: Edit, client: Client) -> None:
+        await router.branches.edit(client.owner, frame, client)
+
+    @table.on(Regenerate)
+    async def regenerate(frame: Regenerate, client: Client) -> None:
+        await router.branches.regenerate(client.owner, frame, client)
+
+    @table.on(SwitchBranch)
+    async def switch_branch(frame: SwitchBranch, client: Client) -> None:
+        await router.branches.switch(client.owner, frame, client)
+
+    @table.on(DeleteBranch)
+    async def delete_branch(frame: DeleteBranch, client: Client) -> None:
+        await router.branches.delete(client.owner, frame, client)
+
+    @table.on(Fork)
+    async def fork(frame: Fork, client: Client) -> None:
+        await router.branches.fork(client.owner, frame, client)
+
+    @table.on(Search)
+    async def search(frame: Search, client: Client) -> None:
+        client.deliver(await router.reads.search_frame(client.owner, frame))
+
+    # ---- attachments (docs/attachments.md) ----
+
+    @table.on(Upload)
+    async def upload(frame: Upload, client: Client) -> None:
+        await client.uploads.begin(frame)  # answered by `attachment` once its bytes are in
+
+    @table.on(CancelUpload)
+    async def cancel_upload(frame: CancelUpload, client: Client) -> None:
+        await client.uploads.cancel(frame)
 
     missing = table.missing()
     if missing:

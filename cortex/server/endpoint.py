@@ -27,6 +27,7 @@ from ..fanout.hub import Hub
 from ..ops.logs import event
 from ..ops.metrics import Metrics
 from ..ops.telemetry import Telemetry
+from ..pipeline.files import Files
 from ..store.tokens import TokenStore
 from .connection import Connection
 from .dispatch import DispatchTable
@@ -51,7 +52,9 @@ class Endpoint:
         metrics: Metrics,
         telemetry: Telemetry,
         tokens: TokenStore,
+        files: Files | None = None,
     ) -> None:
+        self.files = files  # attachments: each connection's uploads store through it
         self.settings = settings
         self.routes = routes
         self.dispatch = dispatch
@@ -153,6 +156,7 @@ class Endpoint:
             dispatch=self.dispatch,
             hub=self.hub,
             metrics=self.metrics,
+            files=self.files,
         )
         self.connections[connection] = principal
         self.telemetry.connection_opened(

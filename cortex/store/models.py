@@ -7,7 +7,18 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -41,6 +52,8 @@ class Conversation(Base):
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
     # The last user message whose reply is settled; the ones above it are the reply queue.
     answered_seq: Mapped[int] = mapped_column(Integer, default=0)
+    # The end of the active path (root to leaf) every client of the conversation shares.
+    active_leaf_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class Message(Base):
@@ -53,6 +66,8 @@ class Message(Base):
         Index("ix_messages_client_msg_id", "client_msg_id"),
         Index("ix_messages_status", "status"),
         Index("ix_messages_conversation_role_seq", "conversation_id", "role", "seq"),
+        # Siblings are read by parent (in seq order).
+        Index("ix_messages_conversation_parent", "conversation_id", "parent_id", "seq"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
@@ -76,6 +91,10 @@ class Message(Base):
     reply_options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The message this one follows on its branch (NULL: the first of the conversation), and the
+    # child last active beneath it, so a switch walks down the branch in O(path).
+    parent_id: Mapped[str | None] = mapped_column(String(64))
+    active_child_id: Mapped[str | None] = mapped_column(String(64))
 
 
 class Token(Base):
@@ -91,3 +110,58 @@ class Token(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# ---- attachments (docs/attachments.md) -------------------------------------------------------
+
+
+class Attachment(Base):
+    """An uploaded file: `pending` while its bytes arrive, then `ready`.
+
+    Content-addressed per owner: (owner, sha256) is unique, so one user's same file is stored
+    once; another user's identical file is a row of its own (nobody learns what others hold).
+    """
+
+    __tablename__ = "attachments"
+    __table_args__ = (Index("ix_attachments_owner_sha256", "owner", "sha256", unique=True),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    sha256: Mapped[str | None] = mapped_column(String(64))  # set when the upload is complete
+    status: Mapped[str] = mapped_column(String(8), default="pending")
+    filename: Mapped[str] = mapped_column(String(255))
+    content_type: Mapped[str] = mapped_column(String(100), default="application/octet-stream")
+    kind: Mapped[str | None] = mapped_column(String(8))
+    size: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    pages: Mapped[int | None] = mapped_column(Integer)
+    text: Mapped[str | None] = mapped_column(Text)  # text files and PDFs: what search indexes
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AttachmentChunk(Base):
+    """The bytes, in rows of `CHUNK_BYTES`: no side ever holds a whole file as one parameter."""
+
+    __tablename__ = "attachment_chunks"
+
+    attachment_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("attachments.id", ondelete="CASCADE"), primary_key=True
+    )
+    n: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class MessageAttachment(Base):
+    """Which attachments a message carries, in order (messages may share one)."""
+
+    __tablename__ = "message_attachments"
+    __table_args__ = (Index("ix_message_attachments_attachment", "attachment_id"),)
+
+    message_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attachment_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("attachments.id", ondelete="CASCADE")
+    )

@@ -17,23 +17,38 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
-from .models import Conversation, Message, utcnow
+from ..errors import BadFrame, NotFound
+from .attachments import link, linked, unlink, unlink_conversation
+from .models import Conversation, Message, new_id, utcnow
 from .statements import (
     ContextMessage,
     StoreConflict,
     StoreError,
     add_row,
-    context_of,
     find_client_msg,
     insert_row,
     new_conversation,
     next_unanswered,
-    open_turn,
     take_seq,
     update_row,
 )
 from .timing import Observer, timed
 from .transactions import Transactions
+from .tree import (
+    OPEN_STATUSES,
+    busy,
+    descend,
+    extend,
+    insert_child,
+    make_active,
+    open_turn,
+    path,
+    path_context,
+    path_ids,
+    siblings,
+    skip_waiting,
+    subtree_ids,
+)
 
 TITLE_CHARS = 80
 # What `update_conversation` may change: the per-conversation settings and the title.
@@ -58,6 +73,28 @@ class StartedReply(NamedTuple):
     message: Message
     context: list[ContextMessage]
     row: Message
+    # The user message, if its parent was fixed now (it was queued): announced again.
+    placed: Message | None = None
+    # The active path moved to this reply's branch (a send that named its parent).
+    moved: bool = False
+
+
+class BranchChange(NamedTuple):
+    """What an edit or regenerate stored, and the old path's waiting turns it cancelled."""
+
+    conversation: Conversation
+    message: Message
+    created: bool
+    cancelled: list[str]
+
+
+class Page(NamedTuple):
+    """A page of a path (root first), whether older messages precede it, and the siblings of
+    each message (its own id included) by parent."""
+
+    rows: list[Message]
+    more: bool
+    siblings: dict[str | None, list[str]]
 
 
 class Store:
@@ -71,6 +108,10 @@ class Store:
     async def close(self) -> None:
         await self._transactions.close()
 
+    async def transact(self, fn: Callable[[Session], T]) -> T:
+        """Run `fn(session)` as one transaction (the attachment store's queries use this)."""
+        return await self._run(fn)
+
     async def _run(self, fn: Callable[[Session], T]) -> T:
         try:
             return await self._transactions.run(fn)
@@ -78,6 +119,11 @@ class Store:
             raise StoreConflict(f"database conflict: {type(exc).__name__}") from exc
         except SQLAlchemyError as exc:
             raise StoreError(f"database error: {type(exc).__name__}") from exc
+
+    async def run(self, fn: Callable[[Session], T]) -> T:
+        """One transaction of statements a room brings itself (search), with the same boundary
+        from SQLAlchemy's errors to `StoreError`."""
+        return await self._run(fn)
 
     @timed
     async def ping(self) -> bool:
@@ -178,6 +224,7 @@ class Store:
             conv = session.get(Conversation, conversation_id)
             if conv is None or conv.owner != owner:
                 return None
+            unlink_conversation(session, conversation_id)  # and attachments only it used
             # Messages first: the foreign key cascades too, but only where the database enforces
             # it (SQLite needs a pragma), and an explicit delete does not depend on that.
             result = session.execute(
@@ -202,11 +249,14 @@ class Store:
         system_prompt: str | None = None,
         temperature: float | None = None,
         reply_options: dict[str, Any] | None = None,
+        parent_id: str | None = None,
+        attachment_ids: Sequence[str] = (),
     ) -> StoredMessage | None:
         """Store a user message, creating the conversation when `conversation_id` is None.
 
-        A repeated `client_msg_id` returns the stored message with created=False (an
-        idempotent retry). None: no such conversation.
+        It follows `parent_id` if given (a branch if that message has children already), else
+        the active leaf. A repeated `client_msg_id` returns the stored message with
+        created=False (an idempotent retry). None: no such conversation.
         """
 
         def store(session: Session) -> StoredMessage | None:
@@ -216,6 +266,7 @@ class Store:
                     return StoredMessage(found[0], found[1], False)
             if conversation_id is None:
                 # A new conversation takes its seqs as it is inserted: no UPDATE needed.
+                message_id = new_id()
                 conv = new_conversation(
                     session,
                     owner=owner,
@@ -224,13 +275,35 @@ class Store:
                     system_prompt=system_prompt,
                     temperature=temperature,
                     last_seq=1,
+                    active_leaf_id=message_id,
                 )
-                seq = 1
-            else:
-                taken = take_seq(session, conversation_id, owner=owner)
-                if taken is None:
-                    return None
-                conv, seq = taken
+                message = add_row(
+                    session,
+                    conv.id,
+                    1,
+                    id=message_id,
+                    role="user",
+                    content=content,
+                    status="complete",
+                    client_msg_id=client_msg_id,
+                    reply_options=reply_options or None,
+                )
+                if attachment_ids:
+                    link(session, message.id, attachment_ids)
+                return StoredMessage(conv, message, True)
+            taken = take_seq(session, conversation_id, owner=owner)
+            if taken is None:
+                return None
+            conv, seq = taken
+            if parent_id is not None and not _in_conversation(session, conv.id, parent_id):
+                raise NotFound("no such message in this conversation")
+            options = dict(reply_options or {})
+            # Queued behind a reply: the parent is fixed when its turn comes (the end of the
+            # path then); until then it sits under the leaf it was sent at.
+            queued = busy(session, conv.id, conv.answered_seq)
+            if queued and parent_id is None:
+                options["parent_pending"] = True
+            leaf = conv.active_leaf_id
             message = add_row(
                 session,
                 conv.id,
@@ -239,8 +312,17 @@ class Store:
                 content=content,
                 status="complete",
                 client_msg_id=client_msg_id,
-                reply_options=reply_options or None,
+                reply_options=options or None,
+                parent_id=parent_id if parent_id is not None else leaf,
             )
+            if not queued:
+                if message.parent_id == leaf:
+                    extend(session, conv.id, leaf, message.id)
+                else:
+                    make_active(session, conv.id, message.id)
+                conv.active_leaf_id = message.id
+            if attachment_ids:
+                link(session, message.id, attachment_ids)
             return StoredMessage(conv, message, True)
 
         for _attempt in range(3):
@@ -253,9 +335,18 @@ class Store:
         raise StoreError("could not store the message")
 
     @timed
-    async def add_message(self, *, conversation_id: str, role: str, **fields: Any) -> Message:
-        """Store an assistant, tool or system message at the next seq."""
-        return await self._run(lambda session: insert_row(session, conversation_id, role, fields))
+    async def add_message(
+        self, *, conversation_id: str, role: str, parent_id: str | None = None, **fields: Any
+    ) -> Message:
+        """Store an assistant, tool or system message at the next seq (a reply's row under the
+        row before it, `parent_id`)."""
+        if parent_id is None:
+            return await self._run(
+                lambda session: insert_row(session, conversation_id, role, fields)
+            )
+        return await self._run(
+            lambda session: insert_child(session, conversation_id, parent_id, role, fields)
+        )
 
     @timed
     async def update_message(self, message_id: str, **fields: Any) -> None:
@@ -297,13 +388,10 @@ class Store:
         return page, more
 
     @timed
-    async def context(self, conversation_id: str, *, upto_user_seq: int) -> list[ContextMessage]:
-        """What the model sees for the reply to user message `upto_user_seq`.
-
-        Every stored message the user has seen, without user messages queued after it and
-        without replies that failed or are still streaming.
-        """
-        return await self._run(lambda session: context_of(session, conversation_id, upto_user_seq))
+    async def context(self, conversation_id: str, *, upto_id: str) -> list[ContextMessage]:
+        """What the model sees for a reply that follows message `upto_id`: the path from the
+        root to it, without replies that failed or are still streaming."""
+        return await self._run(lambda session: path_context(session, conversation_id, upto_id))
 
     # ---- the reply queue ------------------------------------------------------------------
 
@@ -326,21 +414,30 @@ class Store:
             waiting = next_unanswered(session, conversation_id)
             if waiting is None:
                 return None
-            conv, message = waiting
-            options = message.reply_options or {}
-            model = options.get("model") or conv.model or default_model
-            context, row = open_turn(session, conversation_id, message.seq, model)
-            return StartedReply(conv, message, context, row)
+            conv, work = waiting
+            if work.role == "assistant":  # a regeneration: it streams into its queued row
+                message = session.get(Message, work.parent_id) if work.parent_id else None
+                if message is None:
+                    update_row(session, work.id, {"status": "cancelled"})
+                    raise StoreError("a regeneration lost its user message")
+                context = path_context(session, conversation_id, message.id)
+                # Its model: the frame's, else the one the message asked for, else the usual.
+                asked = (message.reply_options or {}).get("model")
+                work.model = work.model or asked or conv.model or default_model
+                update_row(session, work.id, {"status": "streaming", "model": work.model})
+                work.status = "streaming"
+                return StartedReply(conv, message, context, work)
+            return _start_turn(session, conv, work, default_model)
 
         return await self._run(start)
 
     @timed
     async def open_turn(
-        self, conversation_id: str, *, upto_user_seq: int, model: str
+        self, conversation_id: str, *, parent_id: str, model: str
     ) -> tuple[list[ContextMessage], Message]:
         """A later turn of a reply (after tool results): its context and its row, at once."""
         return await self._run(
-            lambda session: open_turn(session, conversation_id, upto_user_seq, model)
+            lambda session: open_turn(session, conversation_id, parent_id, model)
         )
 
     @timed
@@ -428,7 +525,7 @@ class Store:
             .join(Conversation, Conversation.id == Message.conversation_id)
             .where(Message.role == "user", Message.seq > Conversation.answered_seq)
         )
-        streaming = select(Message.conversation_id).where(Message.status == "streaming")
+        streaming = select(Message.conversation_id).where(Message.status.in_(OPEN_STATUSES))
         query = queued.union(streaming).limit(limit)
         return list(await self._run(lambda session: session.scalars(query).all()))
 
@@ -442,6 +539,312 @@ class Store:
             count += len(await self.settle_streaming(conversation_id))
         return count
 
+    # ---- the tree ---------------------------------------------------------------------
+
+    @timed
+    async def active_path_ids(self, *conversation_ids: str) -> set[str]:
+        """The ids on these conversations' active paths, in one read (for `on_active_path`)."""
+
+        def read(session: Session) -> set[str]:
+            ids: set[str] = set()
+            for conversation_id in dict.fromkeys(conversation_ids):
+                conv = session.get(Conversation, conversation_id)
+                leaf = conv.active_leaf_id if conv is not None else None
+                ids.update(path_ids(session, conversation_id, leaf))
+            return ids
+
+        return await self._run(read)
+
+    @timed
+    async def path_page(
+        self,
+        conversation_id: str,
+        *,
+        leaf_id: str | None = None,
+        before_seq: int | None = None,
+        around_seq: int | None = None,
+        limit: int = 50,
+    ) -> Page | None:
+        """The newest `limit` messages of the path from the root to `leaf_id` (the active leaf
+        if None) that come before the message `before_seq` on it. None: no such leaf here.
+
+        With `around_seq`, the page centred on that message (half the page before it) on the
+        path through it: down its branch as last active, unless `leaf_id` names the path."""
+
+        def read(session: Session) -> Page | None:
+            leaf = leaf_id
+            if around_seq is not None and leaf is None:
+                hit = session.execute(
+                    select(Message.id).where(
+                        Message.conversation_id == conversation_id, Message.seq == around_seq
+                    )
+                ).scalar()
+                if hit is None:
+                    return None
+                leaf = descend(session, conversation_id, hit)
+            if leaf is None:
+                conv = session.get(Conversation, conversation_id)
+                leaf = conv.active_leaf_id if conv is not None else None
+                if leaf is None:
+                    return Page([], False, {})
+            steps = path(session, conversation_id, leaf)
+            if not steps:
+                return None
+            end = len(steps)
+            if around_seq is not None:
+                at = next((n for n, step in enumerate(steps) if step.seq == around_seq), None)
+                if at is None:
+                    return None
+                start = max(0, at - limit // 2)
+                end = min(len(steps), start + limit)
+                start = max(0, min(start, end - limit))
+                rows = _load(session, [step.id for step in steps[start:end]])
+                return Page(rows, start > 0, siblings(session, conversation_id, _parents(rows)))
+            if before_seq is not None:
+                end = next((n for n, step in enumerate(steps) if step.seq >= before_seq), end)
+            start = max(0, end - limit)
+            rows = _load(session, [step.id for step in steps[start:end]])
+            return Page(rows, start > 0, siblings(session, conversation_id, _parents(rows)))
+
+        return await self._run(read)
+
+    @timed
+    async def catch_up(self, conversation_id: str, *, after_seq: int) -> list[str]:
+        """Ids after `after_seq`, in seq order, that a reconnecting client is owed: those on
+        the active path, and user messages still waiting for their turn."""
+
+        def read(session: Session) -> list[str]:
+            conv = session.get(Conversation, conversation_id)
+            if conv is None:
+                return []
+            steps = path(session, conversation_id, conv.active_leaf_id)
+            owed = {step.id: step.seq for step in steps if step.seq > after_seq}
+            waiting = session.execute(
+                select(Message.id, Message.seq).where(
+                    Message.conversation_id == conversation_id,
+                    Message.role == "user",
+                    Message.seq > max(after_seq, conv.answered_seq),
+                )
+            )
+            owed.update({row[0]: row[1] for row in waiting})
+            return sorted(owed, key=owed.__getitem__)
+
+        return await self._run(read)
+
+    @timed
+    async def messages_by_ids(
+        self, conversation_id: str, ids: Sequence[str]
+    ) -> tuple[list[Message], dict[str | None, list[str]]]:
+        """These messages in the given order, and the siblings of each by parent."""
+
+        def read(session: Session) -> tuple[list[Message], dict[str | None, list[str]]]:
+            rows = _load(session, ids)
+            return rows, siblings(session, conversation_id, _parents(rows))
+
+        return await self._run(read)
+
+    @timed
+    async def edit_message(
+        self,
+        *,
+        owner: str,
+        conversation_id: str,
+        message_id: str,
+        content: str,
+        client_msg_id: str | None,
+        reply_options: dict[str, Any],
+        attachment_ids: Sequence[str] | None = None,
+    ) -> BranchChange:
+        """Store a new user message beside `message_id` (same parent), make it the active leaf,
+        and take the old path's waiting turns out of the queue. It keeps the original's
+        attachments unless `attachment_ids` says otherwise."""
+
+        def store(session: Session) -> BranchChange:
+            conv, original = _target(session, owner, conversation_id, message_id)
+            if client_msg_id is not None:
+                found = find_client_msg(session, owner, conversation_id, client_msg_id)
+                if found is not None:
+                    return BranchChange(found[0], found[1], False, [])
+            if original.role != "user":
+                raise BadFrame("only a user message can be edited; regenerate a reply")
+            options = {
+                key: value
+                for key, value in (original.reply_options or {}).items()
+                if key in ("model", "tools", "temperature")
+            } | reply_options
+            taken = take_seq(session, conv.id)
+            assert taken is not None  # read in this transaction
+            cancelled = skip_waiting(session, conv.id, taken[1] - 1)
+            message = add_row(
+                session,
+                conv.id,
+                taken[1],
+                role="user",
+                content=content,
+                status="complete",
+                client_msg_id=client_msg_id,
+                reply_options=options or None,
+                parent_id=original.parent_id,
+            )
+            files = linked(session, original.id) if attachment_ids is None else attachment_ids
+            if files:
+                link(session, message.id, files)
+            make_active(session, conv.id, message.id)
+            return BranchChange(_fresh(session, conv.id), message, True, cancelled)
+
+        return await self._run_once(store, client_msg_id)
+
+    @timed
+    async def regenerate(
+        self,
+        *,
+        owner: str,
+        conversation_id: str,
+        message_id: str,
+        client_msg_id: str | None,
+        model: str | None,
+        reply_options: dict[str, Any],
+    ) -> BranchChange:
+        """Store a `queued` reply beside `message_id`: a child of the user message the reply
+        answered (a reply that used tools is rerun whole). It becomes the active leaf."""
+
+        def store(session: Session) -> BranchChange:
+            conv, target = _target(session, owner, conversation_id, message_id)
+            if client_msg_id is not None:
+                found = find_client_msg(session, owner, conversation_id, client_msg_id)
+                if found is not None:
+                    return BranchChange(found[0], found[1], False, [])
+            if target.role != "assistant":
+                raise BadFrame("only an assistant message can be regenerated; edit it instead")
+            question: Message | None = target
+            while question is not None and question.role != "user":
+                question = session.get(Message, question.parent_id) if question.parent_id else None
+            if question is None:
+                raise BadFrame("this reply answers no user message")
+            taken = take_seq(session, conv.id)
+            assert taken is not None  # read in this transaction
+            cancelled = skip_waiting(session, conv.id, taken[1] - 1)
+            row = add_row(
+                session,
+                conv.id,
+                taken[1],
+                role="assistant",
+                content="",
+                status="queued",
+                model=model,
+                client_msg_id=client_msg_id,
+                reply_options=reply_options or None,
+                parent_id=question.id,
+            )
+            make_active(session, conv.id, row.id)
+            return BranchChange(_fresh(session, conv.id), row, True, cancelled)
+
+        return await self._run_once(store, client_msg_id)
+
+    async def _run_once(self, fn: Callable[[Session], T], client_msg_id: str | None) -> T:
+        for _attempt in range(3):
+            try:
+                return await self._run(fn)
+            except StoreConflict:
+                if client_msg_id is None:  # a concurrent retry won: the next try reads it
+                    raise
+        raise StoreError("could not store the message")
+
+    @timed
+    async def switch_branch(
+        self, *, owner: str, conversation_id: str, message_id: str
+    ) -> Conversation:
+        """Make the active path run through `message_id`, down the branch as it was last
+        active beneath it."""
+
+        def switch(session: Session) -> Conversation:
+            conv, _message = _target(session, owner, conversation_id, message_id)
+            leaf = descend(session, conv.id, message_id)
+            make_active(session, conv.id, leaf)
+            return _fresh(session, conv.id)
+
+        return await self._run(switch)
+
+    @timed
+    async def delete_branch(
+        self, *, owner: str, conversation_id: str, message_id: str
+    ) -> tuple[Conversation, list[str], bool]:
+        """Delete `message_id` and everything beneath it; the active path moves to the newest
+        sibling left, or to the parent. The conversation, the ids deleted, and whether a reply
+        that was running or waiting among them must be stopped."""
+
+        def remove(session: Session) -> tuple[Conversation, list[str], bool]:
+            conv, message = _target(session, owner, conversation_id, message_id)
+            ids = subtree_ids(session, conv.id, message_id)
+            open_rows = session.scalar(
+                select(func.count())
+                .select_from(Message)
+                .where(Message.id.in_(ids), Message.status.in_(OPEN_STATUSES))
+            )
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                unlink(session, chunk)  # files only this branch used go with it
+                session.execute(delete(Message).where(Message.id.in_(chunk)))
+            parent = message.parent_id
+            left = siblings(session, conv.id, [parent])[parent]
+            if parent is not None:
+                holder = session.get(Message, parent)
+                if holder is not None and holder.active_child_id in ids:
+                    update_row(session, parent, {"active_child_id": left[-1] if left else None})
+            if conv.active_leaf_id in ids:
+                leaf = descend(session, conv.id, left[-1]) if left else parent
+                make_active(session, conv.id, leaf)
+            return _fresh(session, conv.id), ids, bool(open_rows)
+
+        return await self._run(remove)
+
+    @timed
+    async def fork(self, *, owner: str, conversation_id: str, message_id: str) -> Conversation:
+        """A new conversation (same owner and settings) holding a copy of the path from the
+        root to `message_id`; everything in it counts as answered."""
+
+        def copy(session: Session) -> Conversation:
+            conv, _message = _target(session, owner, conversation_id, message_id)
+            rows = _load(session, path_ids(session, conv.id, message_id))
+            ids = [new_id() for _row in rows]
+            fork = new_conversation(
+                session,
+                owner=owner,
+                title=conv.title,
+                model=conv.model,
+                system_prompt=conv.system_prompt,
+                temperature=conv.temperature,
+                last_seq=len(rows),
+                active_leaf_id=ids[-1],
+            )
+            session.execute(
+                update(Conversation)
+                .where(Conversation.id == fork.id)
+                .values(answered_seq=len(rows))
+            )
+            for seq, (row, new, parent) in enumerate(
+                zip(rows, ids, [None, *ids[:-1]], strict=True), start=1
+            ):
+                status = {"streaming": "interrupted", "queued": "cancelled"}.get(
+                    row.status, row.status
+                )
+                add_row(
+                    session,
+                    fork.id,
+                    seq,
+                    id=new,
+                    parent_id=parent,
+                    active_child_id=ids[seq] if seq < len(ids) else None,
+                    **{name: getattr(row, name) for name in _COPIED},
+                    status=status,
+                )
+                files = linked(session, row.id)  # shared, not copied
+                if files:
+                    link(session, new, files)
+            return _fresh(session, fork.id)
+
+        return await self._run(copy)
+
     @timed
     async def count_messages(self, conversation_id: str) -> int:
         query = (
@@ -453,6 +856,87 @@ class Store:
         return count or 0
 
 
+_COPIED = (
+    "role",
+    "content",
+    "tool_calls",
+    "tool_call_id",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "finish_reason",
+    "error_code",
+    "reply_options",
+)
+
+
+def _target(
+    session: Session, owner: str, conversation_id: str, message_id: str
+) -> tuple[Conversation, Message]:
+    """The owner's conversation and a message of it; `not_found` for anything else."""
+    conv = session.get(Conversation, conversation_id)
+    if conv is None or conv.owner != owner:
+        raise NotFound("no such conversation")
+    message = session.get(Message, message_id)
+    if message is None or message.conversation_id != conversation_id:
+        raise NotFound("no such message in this conversation")
+    return conv, message
+
+
+def _in_conversation(session: Session, conversation_id: str, message_id: str) -> bool:
+    message = session.get(Message, message_id)
+    return message is not None and message.conversation_id == conversation_id
+
+
+def _fresh(session: Session, conversation_id: str) -> Conversation:
+    session.flush()
+    conv = session.get(Conversation, conversation_id, populate_existing=True)
+    assert conv is not None  # written in this transaction
+    return conv
+
+
+def _load(session: Session, ids: Sequence[str]) -> list[Message]:
+    """These messages, in the order of `ids` (in chunks: a bound list has its limits)."""
+    found: dict[str, Message] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        found.update(
+            (row.id, row) for row in session.scalars(select(Message).where(Message.id.in_(chunk)))
+        )
+    return [found[message_id] for message_id in ids if message_id in found]
+
+
+def _parents(rows: Sequence[Message]) -> set[str | None]:
+    return {row.parent_id for row in rows}
+
+
+def _start_turn(
+    session: Session, conv: Conversation, message: Message, default_model: str
+) -> StartedReply:
+    """The turn of a waiting user message: its parent is fixed if it was queued (the end of
+    the active path now), the path runs through it, and its reply's row is stored."""
+    placed: Message | None = None
+    moved = False
+    options = dict(message.reply_options or {})
+    leaf = conv.active_leaf_id
+    if options.pop("parent_pending", False):
+        if message.parent_id != leaf:
+            placed = message
+        message.parent_id = leaf
+        message.reply_options = options or None
+        update_row(session, message.id, {"parent_id": leaf, "reply_options": options or None})
+    if leaf != message.id:
+        if leaf == message.parent_id:
+            extend(session, conv.id, leaf, message.id)
+        else:
+            make_active(session, conv.id, message.id)
+            moved = True
+    model = options.get("model") or conv.model or default_model
+    context, row = open_turn(session, conv.id, message.id, model)
+    return StartedReply(conv, message, context, row, placed, moved)
+
+
 def default_title(content: str) -> str:
     """A new conversation's title: its first message, on one line, cut to `TITLE_CHARS`."""
     line = " ".join(content.split())
@@ -461,6 +945,8 @@ def default_title(content: str) -> str:
 
 __all__: Sequence[str] = (
     "ContextMessage",
+    "BranchChange",
+    "Page",
     "StartedReply",
     "Store",
     "StoreConflict",

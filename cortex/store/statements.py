@@ -8,14 +8,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Connection, Table, bindparam, insert, or_, select, update
+from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from ..errors import Internal
 from .models import Conversation, Message, new_id, utcnow
-
-# A reply's context keeps assistant text the user has seen; failed partial replies are left out.
-_CONTEXT_STATUSES = ("complete", "cancelled", "interrupted")
 
 
 class StoreError(Internal):
@@ -33,6 +30,7 @@ class ContextMessage(NamedTuple):
     content: str
     tool_calls: list[dict[str, Any]] | None
     tool_call_id: str | None
+    id: str | None = None  # the row's id: its attachments are found by it
 
 
 _conversations = cast(Table, Conversation.__table__)
@@ -63,16 +61,6 @@ _FIND_CLIENT_MSG = (
     .limit(1)
 )
 _FIND_CLIENT_MSG_IN = _FIND_CLIENT_MSG.where(_conversations.c.id == bindparam("target"))
-_CONTEXT = (
-    select(Message.role, Message.content, Message.tool_calls, Message.tool_call_id)
-    .where(
-        Message.conversation_id == bindparam("target"),
-        # A failed tool result still answers its call: the model needs to see it.
-        or_(Message.status.in_(_CONTEXT_STATUSES), Message.role == "tool"),
-        or_(Message.role != "user", Message.seq <= bindparam("upto")),
-    )
-    .order_by(Message.seq)
-)
 _NEXT_UNANSWERED = (
     select(Conversation, Message)
     .join(Conversation, Conversation.id == Message.conversation_id)
@@ -81,6 +69,14 @@ _NEXT_UNANSWERED = (
         Message.role == "user",
         Message.seq > Conversation.answered_seq,
     )
+    .order_by(Message.seq)
+    .limit(1)
+)
+# A regeneration waits as an assistant row, `queued`, under the user message it answers.
+_NEXT_QUEUED = (
+    select(Conversation, Message)
+    .join(Conversation, Conversation.id == Message.conversation_id)
+    .where(Message.conversation_id == bindparam("target"), Message.status == "queued")
     .order_by(Message.seq)
     .limit(1)
 )
@@ -97,27 +93,6 @@ def new_conversation(session: Session, **fields: Any) -> Conversation:
     values = fields | {"id": new_id(), "created_at": now, "updated_at": now, "answered_seq": 0}
     core(session).execute(_INSERT_CONVERSATION, values)
     return Conversation(**values)
-
-
-def open_turn(
-    session: Session, conversation_id: str, upto_user_seq: int, model: str
-) -> tuple[list[ContextMessage], Message]:
-    """What the model sees for a turn of the reply to `upto_user_seq`, and the row (empty,
-    `streaming`) the turn streams into. The context is read first: the new row is not in it."""
-    context = context_of(session, conversation_id, upto_user_seq)
-    taken = take_seq(session, conversation_id)
-    if taken is None:
-        raise StoreError("no such conversation")
-    row = add_row(
-        session,
-        conversation_id,
-        taken[1],
-        role="assistant",
-        content="",
-        status="streaming",
-        model=model,
-    )
-    return context, row
 
 
 def find_client_msg(
@@ -166,7 +141,11 @@ def add_row(session: Session, conversation_id: str, seq: int, **fields: Any) -> 
     now = utcnow()
     values = _MESSAGE_DEFAULTS | fields
     values.update(
-        id=new_id(), conversation_id=conversation_id, seq=seq, created_at=now, updated_at=now
+        id=fields.get("id") or new_id(),
+        conversation_id=conversation_id,
+        seq=seq,
+        created_at=now,
+        updated_at=now,
     )
     # Unset columns are left out, so they are SQL NULL (None would be JSON `null` in a JSON one).
     core(session).execute(
@@ -181,13 +160,12 @@ def update_row(session: Session, message_id: str, fields: dict[str, Any]) -> Non
     )
 
 
-def context_of(session: Session, conversation_id: str, upto_user_seq: int) -> list[ContextMessage]:
-    # Plain rows, not ORM objects: this read is on every reply's way to the model, and a long
-    # conversation's rows cost two to three times as much to load as ORM objects.
-    rows = core(session).execute(_CONTEXT, {"target": conversation_id, "upto": upto_user_seq})
-    return [ContextMessage(*row) for row in rows]
-
-
 def next_unanswered(session: Session, conversation_id: str) -> tuple[Conversation, Message] | None:
-    row = session.execute(_NEXT_UNANSWERED, {"target": conversation_id}).first()
-    return (row[0], row[1]) if row is not None else None
+    """The oldest work waiting in the conversation: a user message above `answered_seq`, or a
+    `queued` regeneration, whichever was stored first."""
+    params = {"target": conversation_id}
+    user = session.execute(_NEXT_UNANSWERED, params).first()
+    queued = session.execute(_NEXT_QUEUED, params).first()
+    if user is None or (queued is not None and queued[1].seq < user[1].seq):
+        user = queued
+    return (user[0], user[1]) if user is not None else None

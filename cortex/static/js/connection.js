@@ -243,7 +243,9 @@ export class Connection extends EventTarget {
   startHeartbeat() {
     this.stopHeartbeat();
     this.pingTimer = setInterval(() => {
-      if (!this.isOpen) return;
+      // Mid-upload the server refuses every text frame but cancel_upload (attachments.js):
+      // the bytes flowing show the link is alive.
+      if (!this.isOpen || this.uploading) return;
       const ws = this.ws;
       clearTimeout(this.pongTimer);
       this.pongTimer = setTimeout(() => {

@@ -4,11 +4,14 @@
 // The open conversation's state is in state.js (a `Chat`, replaced when another one is opened),
 // its rendering in view.js, its requests (history, subscribe, send, stop) in session.js.
 
+import { Tray } from "./attachments.js";
 import { Connection, readToken, storeToken } from "./connection.js";
 import { Sidebar } from "./sidebar.js";
+import { SearchBox } from "./search.js";
 import { Session } from "./session.js";
 import { titleFrom } from "./state.js";
 import { ChatView } from "./view.js";
+import { setActions } from "./messages.js";
 
 const ID_PATTERN = /^[A-Za-z0-9_.:-]{1,64}$/;
 
@@ -48,6 +51,7 @@ const ui = {
   send: $("send"),
   stop: $("stop"),
   live: $("live"),
+  searchOpen: $("search-open"),
 };
 
 const conn = new Connection();
@@ -72,6 +76,59 @@ const session = new Session({
     sidebar.addLocal(id, titleFrom(firstText));
     sidebar.setActive(id);
   },
+});
+
+// The branch buttons of each message (edit, regenerate, ‹ n/m ›, fork).
+setActions({
+  edit: (msg, text) => session.editMessage(msg, text),
+  regenerate: (msg) => session.regenerate(msg),
+  switchTo: (id) => session.switchTo(id),
+  fork: (msg) => session.fork(msg),
+});
+
+// ---- search (docs/search.md) ----------------------------------------------------------------
+
+const search = new SearchBox({
+  conn,
+  ui: {
+    panel: $("search-panel"),
+    form: $("search-form"),
+    input: $("search-input"),
+    close: $("search-close"),
+    status: $("search-status"),
+    results: $("search-results"),
+    more: $("search-more"),
+  },
+  onOpen(hit) {
+    search.close(false);
+    const id = String(hit.conversation_id);
+    if (!ID_PATTERN.test(id)) return;
+    if (hashId() !== id) history.pushState(null, "", `#c=${encodeURIComponent(id)}`);
+    openConversation(id, { aroundSeq: Number.isInteger(hit.seq) ? hit.seq : null });
+    ui.input.focus();
+  },
+});
+
+/** Ctrl+K anywhere, or `/` in an empty composer (or outside any text field), opens search. */
+function searchKey(event) {
+  if ((event.ctrlKey || event.metaKey) && !event.altKey && event.key.toLowerCase() === "k") {
+    return true;
+  }
+  if (event.key !== "/" || event.ctrlKey || event.metaKey || event.altKey) return false;
+  const target = event.target;
+  if (target === ui.input) return ui.input.value === "";
+  return !(target instanceof HTMLInputElement || target instanceof HTMLTextAreaElement);
+}
+
+document.addEventListener("keydown", (event) => {
+  if (event.isComposing || !searchKey(event)) return;
+  event.preventDefault();
+  closeDrawer(false);
+  search.open();
+});
+ui.searchOpen.addEventListener("click", () => {
+  closeDrawer(false);
+  search.open();
 });
 
 // ---- conversations and the URL --------------------------------------------------------------
@@ -116,6 +173,7 @@ function onFrame(frame) {
         if (frame.message && frame.message.status !== "streaming") sidebar.refreshSoon(500);
         break;
       }
+      if (chat.offPath(frame.message)) break; // another branch: not on the path shown
       const msg = chat.upsert(frame.message);
       if (msg && msg.role === "assistant") {
         if (msg.status === "complete" && msg.content) {
@@ -147,6 +205,8 @@ function onFrame(frame) {
     case "pong":
     case "history":
     case "conversations":
+    case "search_results":
+    case "attachment": // an upload's answer (attachments.js waits for it by request_id)
       break; // answers whose request stopped waiting (timed out, or the socket was replaced)
     default:
       break; // a type this page does not know
@@ -172,6 +232,8 @@ function onConversation(frame, mine) {
   const conv = frame.conversation;
   if (!conv || typeof conv !== "object") return;
   if (mine) session.chat.info = { ...conv }; // the header's title when the sidebar lacks it
+  // The active path moved (edit, regenerate, switch_branch, delete_branch): draw it again.
+  if (mine && (frame.active_leaf_id !== undefined || !conv.active_leaf_id)) session.reload();
   sidebar.update(id, conv);
   view.updateChrome();
 }
@@ -340,6 +402,41 @@ window.addEventListener("hashchange", followUrl);
 window.addEventListener("popstate", followUrl); // back/forward across "New chat"
 window.addEventListener("focus", () => sidebar.refreshSoon());
 sidebar.onChange(() => view.updateChrome());
+
+// ---- attachments: the button, paste, drag and drop ------------------------------------------
+
+const tray = new Tray({ conn, list: $("tray"), onChange: () => view.updateSendButton() });
+session.tray = tray;
+view.tray = tray;
+const attachInput = $("attach-input");
+$("attach").addEventListener("click", () => attachInput.click());
+attachInput.addEventListener("change", () => {
+  tray.add([...attachInput.files]);
+  attachInput.value = "";
+  ui.input.focus();
+});
+ui.input.addEventListener("paste", (event) => {
+  const files = [...(event.clipboardData?.files || [])];
+  if (!files.length) return; // text is pasted as usual
+  event.preventDefault();
+  tray.add(files);
+});
+ui.chat.addEventListener("dragover", (event) => {
+  if (![...(event.dataTransfer?.types || [])].includes("Files")) return;
+  event.preventDefault();
+  ui.chat.classList.add("dropping");
+});
+ui.chat.addEventListener("dragleave", (event) => {
+  if (event.target === ui.chat) ui.chat.classList.remove("dropping");
+});
+ui.chat.addEventListener("drop", (event) => {
+  ui.chat.classList.remove("dropping");
+  const files = [...(event.dataTransfer?.files || [])];
+  if (!files.length) return;
+  event.preventDefault();
+  tray.add(files);
+  ui.input.focus();
+});
 
 openConversation(hashId());
 conn.start();

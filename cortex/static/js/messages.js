@@ -1,6 +1,7 @@
 // DOM for one message. Untrusted text only ever reaches the page as text nodes or through the
 // Markdown renderer (which builds nodes itself); nothing here touches innerHTML.
 
+import { renderAttachments } from "./attachments.js";
 import { h, icon } from "./dom.js";
 import { renderInto } from "./markdown.js";
 
@@ -19,6 +20,78 @@ const ERROR_TEXT = {
 
 const shown = new WeakMap(); // <li> -> the message it shows (for the copy button)
 
+// What the branch buttons do (session.js), set once by main.js: edit(msg, text),
+// regenerate(msg), switchTo(id), fork(msg).
+let actions = null;
+export function setActions(value) {
+  actions = value;
+}
+
+function actionButton(label, title, onclick, cls = "") {
+  return h(
+    "button",
+    { type: "button", class: `action-btn ${cls}`.trim(), title, onclick },
+    h("span", { class: "action-label", text: label }),
+  );
+}
+
+/** "‹ n/m ›" for a message with siblings: the other versions of it, by seq. */
+function renderBranchNav(nav, msg) {
+  nav.replaceChildren();
+  const siblings = Array.isArray(msg.sibling_ids) ? msg.sibling_ids : [];
+  const at = siblings.indexOf(msg.id);
+  nav.hidden = siblings.length < 2 || at < 0;
+  if (nav.hidden) return;
+  const go = (offset) => () => actions && actions.switchTo(siblings[at + offset]);
+  const prev = h("button", {
+    type: "button",
+    class: "branch-btn",
+    "aria-label": "Previous version",
+    text: "‹",
+    onclick: go(-1),
+  });
+  const next = h("button", {
+    type: "button",
+    class: "branch-btn",
+    "aria-label": "Next version",
+    text: "›",
+    onclick: go(1),
+  });
+  prev.disabled = at === 0;
+  next.disabled = at === siblings.length - 1;
+  nav.append(prev, h("span", { class: "branch-pos", text: `${at + 1}/${siblings.length}` }), next);
+}
+
+/** Edit a user message in place: Enter sends the new version, Escape puts the text back. */
+function startEdit(li) {
+  const msg = shown.get(li);
+  const bubble = li.querySelector(".bubble");
+  if (!msg || !actions || bubble.querySelector(".edit-box")) return;
+  const box = h("textarea", { class: "edit-box", "aria-label": "Edit your message", rows: 3 });
+  box.value = msg.content;
+  const text = li.querySelector(".user-text");
+  text.hidden = true;
+  const stop = () => {
+    box.remove();
+    text.hidden = false;
+    li.querySelector(".edit-btn").focus();
+  };
+  box.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") {
+      event.preventDefault();
+      stop();
+    } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      const value = box.value;
+      if (!value.trim()) return;
+      stop();
+      actions.edit(msg, value);
+    }
+  });
+  bubble.append(box);
+  box.focus();
+}
+
 /** A new, empty list item for `msg`; fill it with updateMessage(). */
 export function createMessage(msg) {
   const li = h("li", { class: `msg msg-${msg.kind}`, dataset: { id: msg.id } });
@@ -26,7 +99,15 @@ export function createMessage(msg) {
     li.append(
       h("h3", { class: "sr-only", text: "You said:" }),
       h("div", { class: "bubble" }, h("div", { class: "user-text" })),
+      h("div", { class: "attachments", hidden: true }),
       h("div", { class: "msg-foot" }),
+      h(
+        "div",
+        { class: "msg-actions" },
+        h("div", { class: "branch-nav" }),
+        actionButton("Edit", "Edit this message", () => startEdit(li), "edit-btn"),
+        actionButton("Fork", "Fork: a new conversation up to here", () => fork(li)),
+      ),
     );
   } else if (msg.kind === "notice") {
     li.setAttribute("role", "alert");
@@ -62,6 +143,9 @@ export function createMessage(msg) {
             icon("copy"),
             h("span", { class: "action-label", text: "Copy" }),
           ),
+          actionButton("Regenerate", "Another reply", () => regenerate(li), "regen-btn"),
+          actionButton("Fork", "Fork: a new conversation up to here", () => fork(li)),
+          h("div", { class: "branch-nav" }),
         ),
       ),
     );
@@ -81,6 +165,7 @@ export function updateMessage(li, msg, tools) {
   if (msg.kind === "user") {
     const text = li.querySelector(".user-text");
     if (text.textContent !== msg.content) text.textContent = msg.content;
+    renderAttachments(li.querySelector(".attachments"), msg.attachments);
     const foot = li.querySelector(".msg-foot");
     foot.replaceChildren();
     if (msg.local) {
@@ -92,6 +177,8 @@ export function updateMessage(li, msg, tools) {
       if (msg.failed) foot.append(" ", h("span", { text: msg.failed.message }));
     }
     li.classList.toggle("pending", Boolean(msg.local && !msg.failed));
+    li.querySelector(".msg-actions").hidden = Boolean(msg.local);
+    renderBranchNav(li.querySelector(".branch-nav"), msg);
     return;
   }
   if (msg.kind === "notice") {
@@ -106,7 +193,8 @@ export function updateMessage(li, msg, tools) {
     msg.renderedContent = content;
   }
   md.hidden = !content;
-  li.setAttribute("aria-busy", msg.status === "streaming" ? "true" : "false");
+  const busy = msg.status === "streaming" || msg.status === "queued";
+  li.setAttribute("aria-busy", busy ? "true" : "false");
   renderTools(li.querySelector(".tools"), tools);
   const foot = li.querySelector(".msg-foot");
   foot.replaceChildren();
@@ -122,8 +210,19 @@ export function updateMessage(li, msg, tools) {
     foot.append(h("span", { class: "muted", text: STATUS_NOTES[msg.status] }));
   }
   foot.hidden = !foot.firstChild;
-  li.querySelector(".msg-actions").hidden =
-    msg.kind !== "assistant" || !content || msg.status === "streaming";
+  li.querySelector(".msg-actions").hidden = msg.kind !== "assistant" || busy;
+  li.querySelector(".msg-actions .action-btn").hidden = !content; // Copy
+  if (msg.kind === "assistant") renderBranchNav(li.querySelector(".branch-nav"), msg);
+}
+
+function regenerate(li) {
+  const msg = shown.get(li);
+  if (msg && actions) actions.regenerate(msg);
+}
+
+function fork(li) {
+  const msg = shown.get(li);
+  if (msg && actions) actions.fork(msg);
 }
 
 async function copyReply(li, button) {

@@ -3,7 +3,7 @@
 // and Stop. The state is in state.js, its rendering in view.js; the frames the server pushes
 // are dispatched in main.js.
 
-import { Chat, Outbox } from "./state.js";
+import { Chat, Outbox, uuid } from "./state.js";
 
 const PAGE = 50;
 const LOAD_OLDER_WITHIN_PX = 400;
@@ -29,12 +29,14 @@ export class Session {
    * Show conversation `id` (null: a new chat). `unsubscribe`: tell the server that the one shown
    * until now is no longer watched (not after it was deleted).
    */
-  open(id, { unsubscribe = true } = {}) {
+  open(id, { unsubscribe = true, aroundSeq = null } = {}) {
     const { conn } = this;
     if (unsubscribe && this.chat.id && this.chat.id !== id && conn.isOpen) {
       conn.send({ type: "unsubscribe", conversation_id: this.chat.id });
     }
     this.chat = new Chat(id);
+    // A search hit: the first page is the one around it (history {around_seq}).
+    this.chat.aroundSeq = id && Number.isInteger(aroundSeq) ? aroundSeq : null;
     this.view.show(this.chat);
     this.sidebar.setActive(id);
     this.view.updateChrome();
@@ -48,14 +50,16 @@ export class Session {
     c.loading = true;
     view.updateChrome();
     try {
-      const page = await conn.request({ type: "history", conversation_id: c.id, limit: PAGE });
+      const frame = { type: "history", conversation_id: c.id, limit: PAGE };
+      if (c.aroundSeq !== null) frame.around_seq = c.aroundSeq;
+      const page = await conn.request(frame);
       if (c !== this.chat) return;
       for (const msg of page.messages || []) c.upsert(msg);
       c.hasMore = Boolean(page.has_more);
       c.loaded = true;
       this.subscribe();
       view.flush(true);
-      view.scrollToBottom();
+      if (c.aroundSeq === null || !view.showSeq(c.aroundSeq)) view.scrollToBottom();
     } catch (err) {
       if (c !== this.chat) return;
       if (err.code === "not_found" || err.code === "forbidden") {
@@ -165,9 +169,13 @@ export class Session {
     const { ui } = this.view;
     const c = this.chat;
     const text = ui.input.value;
-    if (!text.trim() || !this.conn.isOpen) return;
+    const tray = this.tray;
+    if (tray && tray.busy) return; // files still uploading: the button says so
+    const attachments = tray ? tray.ready : [];
+    if ((!text.trim() && !attachments.length) || !this.conn.isOpen) return;
     if (!c.id && this.creating) return; // the first message is still creating the chat
-    const entry = this.outbox.add(c, text);
+    const entry = this.outbox.add(c, text, attachments);
+    if (tray) tray.clear();
     ui.input.value = "";
     this.view.autosize();
     c.markDirty(entry.msg);
@@ -217,6 +225,48 @@ export class Session {
     }
     if (!c.acknowledge(msg, ack)) this.view.remove(msg); // the stored message arrived first
     this.view.updateChrome();
+  }
+
+  // ---- branches (docs/protocol.md, "Branches") ---------------------------------------------
+
+  /** Read the open conversation again: its active path changed. */
+  reload() {
+    const id = this.chat.id;
+    if (!id) return;
+    this.chat = new Chat(id);
+    this.view.show(this.chat);
+    this.view.updateChrome();
+    if (this.conn.isOpen) this.loadInitial();
+  }
+
+  async branch(frame) {
+    const c = this.chat;
+    if (!c.id || !this.conn.isOpen) return null;
+    try {
+      return await this.conn.request({ ...frame, conversation_id: c.id });
+    } catch (err) {
+      if (err.code !== "disconnected") this.view.showAlert(err);
+      return null;
+    }
+  }
+
+  editMessage(msg, content) {
+    return this.branch({ type: "edit", message_id: msg.id, content, client_msg_id: uuid() });
+  }
+
+  regenerate(msg) {
+    return this.branch({ type: "regenerate", message_id: msg.id, client_msg_id: uuid() });
+  }
+
+  switchTo(messageId) {
+    return this.branch({ type: "switch_branch", message_id: messageId });
+  }
+
+  async fork(msg) {
+    const ack = await this.branch({ type: "fork", message_id: msg.id });
+    if (ack && typeof ack.conversation_id === "string") {
+      location.hash = `#c=${encodeURIComponent(ack.conversation_id)}`; // opens it
+    }
   }
 
   /** Stop the reply in progress. */

@@ -79,7 +79,11 @@ export class Sidebar {
   /** A conversation's new state (a `conversation` event: renamed, configured, titled). */
   update(id, conv) {
     const item = this.items.find((c) => c.id === id);
-    if (!item) return;
+    if (!item) {
+      // New to this list: made in another tab, or a fork (the user's topic told every tab).
+      this.refreshSoon();
+      return;
+    }
     Object.assign(item, conv, { id });
     // In place: a rename or configure does not move a conversation, and focus stays put.
     const link = this.list.querySelector(`a[data-id="${CSS.escape(id)}"]`);

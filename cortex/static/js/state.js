@@ -72,6 +72,9 @@ function fromView(view) {
     tool_calls: view.tool_calls || null,
     tool_call_id: view.tool_call_id || null,
     error_code: view.error_code || null,
+    parent_id: view.parent_id || null,
+    sibling_ids: view.sibling_ids || null, // from history and catch-up only
+    attachments: view.attachments || null,
     liveTools: new Map(),
   };
 }
@@ -94,6 +97,7 @@ export class Chat {
     this.typing = false;
     this.stopping = false;
     this.resyncing = false;
+    this.aroundSeq = null; // a search hit to open the conversation at (session.js)
   }
 
   markDirty(msg) {
@@ -120,6 +124,8 @@ export class Chat {
         tool_calls: view.tool_calls || null,
         tool_call_id: view.tool_call_id || null,
         error_code: view.error_code || null,
+        parent_id: view.parent_id || null,
+        sibling_ids: view.sibling_ids || msg.sibling_ids, // live events do not carry them
       });
       if (!keepText) {
         msg.content = content;
@@ -141,6 +147,16 @@ export class Chat {
     }
     this.markDirty(msg);
     return msg;
+  }
+
+  /** A live message of another branch (its parent is not on the path shown): not drawn. */
+  offPath(view) {
+    return (
+      Boolean(view) &&
+      typeof view.parent_id === "string" &&
+      !this.messages.has(view.parent_id) &&
+      !this.messages.has(view.id)
+    );
   }
 
   /**
@@ -211,8 +227,9 @@ export class Chat {
   }
 
   /** The user's message, shown before the server has it. */
-  addLocal(text, clientMsgId) {
+  addLocal(text, clientMsgId, attachments = null) {
     const msg = {
+      attachments,
       id: `local:${clientMsgId}`,
       kind: "user",
       role: "user",
@@ -352,10 +369,11 @@ export class Outbox {
   }
 
   /** Queue `text` for `chat` (shown at once as a local message); returns the entry. */
-  add(chat, text) {
+  add(chat, text, attachments = []) {
     const clientMsgId = uuid();
-    const msg = chat.addLocal(text, clientMsgId);
+    const msg = chat.addLocal(text, clientMsgId, attachments.length ? attachments : null);
     const frame = { type: "send", content: text, client_msg_id: clientMsgId };
+    if (attachments.length) frame.attachments = attachments.map((a) => a.id);
     if (chat.id) frame.conversation_id = chat.id;
     const entry = { frame, msg, chat };
     this.entries.set(clientMsgId, entry);

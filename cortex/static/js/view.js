@@ -59,6 +59,9 @@ export class ChatView {
     const stick = !keepScroll && this.isNearBottom();
     for (const msg of this.chat.dirty) this.renderOne(msg);
     this.chat.dirty.clear();
+    // Regenerate is offered on the last reply of the path only.
+    const replies = this.ui.list.querySelectorAll(".msg-assistant");
+    replies.forEach((li, i) => li.classList.toggle("is-last", i === replies.length - 1));
     this.updateChrome();
     if (stick) this.scrollToBottom();
   }
@@ -115,6 +118,16 @@ export class ChatView {
     this.ui.scroller.scrollTop = this.ui.scroller.scrollHeight;
   }
 
+  /** Scroll message `seq` into the middle of the view and mark it (a search hit opened). */
+  showSeq(seq) {
+    const li = this.ui.list.querySelector(`li[data-seq="${Number(seq)}"]`);
+    if (!li) return false;
+    for (const old of this.ui.list.querySelectorAll(".msg-found")) old.classList.remove("msg-found");
+    li.classList.add("msg-found");
+    li.scrollIntoView({ block: "center" });
+    return true;
+  }
+
   /** Run `change` (which adds messages above) without moving what the reader is looking at. */
   keepPlace(change) {
     const s = this.ui.scroller;
@@ -151,7 +164,13 @@ export class ChatView {
     const { ui, chat } = this;
     const open = this.conn.isOpen;
     ui.input.disabled = !open;
-    ui.send.disabled = !open || !ui.input.value.trim() || (!chat.id && this.creating());
+    const tray = this.tray; // attachments: files waiting to go, maybe still uploading
+    const files = tray ? tray.ready.length : 0;
+    ui.send.disabled =
+      !open ||
+      (!ui.input.value.trim() && !files) ||
+      (tray && tray.busy) ||
+      (!chat.id && this.creating());
     ui.input.placeholder = open ? "Message Cortex" : "Waiting for the connection…";
   }
 
