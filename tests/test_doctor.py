@@ -76,7 +76,7 @@ async def test_doctor_passes_with_a_working_setup(
     provider.enqueue(Reply(text="OK"))
     status, out = await doctor(capsys)
     assert status == 0, out
-    assert "ok    database" in out and "ok    migrations    at 0004, the newest" in out
+    assert "ok    database" in out and "ok    migrations    at 0007, the newest" in out
     assert "ok    provider key  openai/fake-model: present (CORTEX_LLM_API_KEY)" in out
     assert "ok    stream path   openai/fake-model: direct (Cortex reads" in out
     assert "ok    model         openai/fake-model answered" in out
