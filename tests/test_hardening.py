@@ -303,3 +303,26 @@ async def test_a_message_at_the_limit_in_escaped_json_is_accepted(
     answer = await client.until(lambda e: e.get("request_id") == "big")
     assert answer[-1]["type"] == "ack"
     await client.until_reply()
+
+
+
+async def test_a_connection_drops_the_deltas_below_the_text_it_was_given() -> None:
+    """The text so far may come from Redis ahead of its deltas' PUBLISH: deltas that arrive
+    later and overlap it are cut or dropped, so offsets stay exact (no repeat)."""
+    import collections
+
+    from cortex.protocol import DeltaFrame, delta_frame
+    from cortex.server.connection import Connection
+
+    conn = Connection.__new__(Connection)  # the delivery side only: no socket needed
+    conn.closing, conn._floors, conn._drained = False, {}, None
+    conn._queue, conn._queued_chars, conn._wakeup = collections.deque(), 0, asyncio.Event()
+    conn._max_frames, conn._max_chars = 100, 1_000_000
+    conn.trim_below("m", 10)
+    for offset, text in [(0, "abcd"), (4, "efghij"), (8, "ijKLM"), (13, "NO")]:
+        conn.deliver(delta_frame("c", "m", offset, text))
+    conn.deliver(delta_frame("c", "other", 0, "untouched"))
+    sent = [(f.message_id, f.offset, f.text) for f in conn._queue if isinstance(f, DeltaFrame)]
+    assert sent == [("m", 10, "KLM"), ("m", 13, "NO"), ("other", 0, "untouched")]
+    conn.trim_below("m", 0)  # nothing held: nothing to trim
+    assert conn._floors == {}

@@ -18,7 +18,6 @@ from ..protocol import (
     AttachmentView,
     ConversationsPage,
     ConversationView,
-    DeltaFrame,
     HistoryPage,
     MessageView,
     Search,
@@ -42,9 +41,12 @@ EXPORT_PAGE = 500
 
 
 class Reader(Subscriber, Protocol):
-    """A client that catches up: it says when its backlog leaves room for more."""
+    """A client that catches up: it says when its backlog leaves room for more, and takes a
+    reply's text so far once, dropping the deltas it already holds however late they come."""
 
     async def room(self) -> None: ...
+
+    def trim_below(self, message_id: str, offset: int) -> None: ...
 
 
 class Reads:
@@ -123,7 +125,10 @@ class Reads:
         # From here on no await: the buffer hands over to the client in one step.
         self.hub.unsubscribe(conversation_id, buffer)
         self.hub.subscribe(conversation_id, client)
-        buffer.replay(client, message_id, len(text))
+        # The text so far may come from Redis ahead of its deltas' PUBLISH (another process
+        # makes the reply): the client drops what it has, buffered now or arriving later.
+        client.trim_below(message_id, len(text))
+        buffer.replay(client)
         # The ack closes the catch-up: everything after it is live.
         client.deliver(Ack(conversation_id=conversation_id, request_id=request_id).encode())
 
@@ -306,14 +311,7 @@ class CatchUpBuffer:
     def deliver(self, frame: str) -> None:
         self.frames.append(frame)
 
-    def replay(self, client: Subscriber, message_id: str, have: int) -> None:
-        """Hand the buffered events on, minus the reply text the catch-up already gave."""
+    def replay(self, client: Subscriber) -> None:
+        """Hand the buffered events on, in order."""
         for frame in self.frames:
-            if isinstance(frame, DeltaFrame) and frame.message_id == message_id:
-                end = frame.offset + len(frame.text)
-                if end <= have:
-                    continue
-                if frame.offset < have:
-                    cut = have - frame.offset
-                    frame = delta_frame(frame.conversation_id, message_id, have, frame.text[cut:])
             client.deliver(frame)

@@ -55,16 +55,19 @@ class Hit:
 # the text of every match of a common word.
 RANKED = """
 WITH page AS (
-    SELECT d.id, d.kind, d.ref_id, d.conversation_id, d.role, d.created_at,
+    SELECT d.id, d.kind, d.ref_id, d.attachment_id, d.conversation_id, d.role, d.created_at,
            c.title AS conversation_title, c.updated_at, {score} AS score
     {source}
     ORDER BY score, c.updated_at DESC, d.id DESC
     LIMIT :limit OFFSET :offset
 )
 SELECT page.kind, page.ref_id, page.conversation_id, page.role, page.created_at,
-       page.conversation_title, m.seq, COALESCE(m.content, page.conversation_title) AS body
+       page.conversation_title, m.seq,
+       CASE WHEN page.kind = 'attachment' THEN a.filename || ': ' || COALESCE(a.text, '')
+            ELSE COALESCE(m.content, page.conversation_title) END AS body
 FROM page
-LEFT JOIN messages m ON page.kind = 'message' AND m.id = page.ref_id
+LEFT JOIN messages m ON page.kind IN ('message', 'attachment') AND m.id = page.ref_id
+LEFT JOIN attachments a ON page.kind = 'attachment' AND a.id = page.attachment_id
 ORDER BY page.score, page.updated_at DESC, page.id DESC
 """
 
@@ -169,7 +172,7 @@ async def search(
         if created.tzinfo is None:
             created = created.replace(tzinfo=UTC)
         text_snippet, ranges = snippet(row.body or "", query)
-        message = row.kind == "message"
+        message = row.kind in ("message", "attachment")  # a file hit opens its message
         hits.append(
             Hit(
                 kind=row.kind,

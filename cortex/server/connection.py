@@ -26,6 +26,7 @@ from ..pipeline.files import Files
 from ..protocol import (
     DeltaFrame,
     ErrorEvent,
+    delta_frame,
     parse_frame,
     request_id_of,
     take_merged_delta,
@@ -62,6 +63,8 @@ class Connection:
         self.id = next(_ids)
         self._queue: deque[str] = deque()
         self._queued_chars = 0
+        # Deltas below these offsets are already with the client (see `trim_below`).
+        self._floors: dict[str, int] = {}
         self._wakeup = asyncio.Event()
         self._drained: asyncio.Event | None = None  # made by the first catch-up that waits
         self._max_frames = s.send_queue_max
@@ -82,6 +85,11 @@ class Connection:
     def deliver(self, frame: str) -> None:
         if self.closing:
             return
+        if self._floors and isinstance(frame, DeltaFrame) and frame.message_id in self._floors:
+            trimmed = self._above_floor(frame)
+            if trimmed is None:
+                return
+            frame = trimmed
         queue = self._queue
         # What waits behind the oldest unsent frame: one large frame (a long stored message)
         # is not a slow reader, only a backlog behind it that keeps growing is.
@@ -96,6 +104,25 @@ class Connection:
         self._wakeup.set()
         if self._drained is not None and self._queued_chars > self._max_chars // 2:
             self._drained.clear()
+
+    def trim_below(self, message_id: str, offset: int) -> None:
+        """The client has the reply's text up to `offset` (a catch-up read it, maybe from the
+        process making the reply): later deltas below it are dropped or cut, whenever they
+        arrive, so offsets stay exact with no overlap."""
+        if offset > 0:
+            if len(self._floors) >= 64:  # replies that ended before a delta came: forget them
+                del self._floors[next(iter(self._floors))]
+            self._floors[message_id] = offset
+
+    def _above_floor(self, frame: DeltaFrame) -> DeltaFrame | None:
+        floor = self._floors[frame.message_id]
+        if frame.offset + len(frame.text) <= floor:
+            return None
+        del self._floors[frame.message_id]  # deltas come in order: the rest are past it
+        if frame.offset >= floor:
+            return frame
+        cut = floor - frame.offset
+        return delta_frame(frame.conversation_id, frame.message_id, floor, frame.text[cut:])
 
     async def room(self) -> None:
         """Return once at most half the send budget is queued (a catch-up paces itself by it,

@@ -50,6 +50,8 @@ class Client(Protocol):
 
     async def room(self) -> None: ...
 
+    def trim_below(self, message_id: str, offset: int) -> None: ...
+
 
 F = TypeVar("F", bound=Inbound)
 Handler = Callable[[Any, Client], Awaitable[None]]
