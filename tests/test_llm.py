@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,10 @@ BOTH_LLM_PATHS = True
 
 
 @pytest.fixture
-def llm(tmp_path: Path, provider: FakeOpenAI) -> LlmService:
-    return LlmService(make_settings(tmp_path, provider, stream_idle_timeout=0.3))
+async def llm(tmp_path: Path, provider: FakeOpenAI) -> AsyncIterator[LlmService]:
+    service = LlmService(make_settings(tmp_path, provider, stream_idle_timeout=0.3))
+    yield service
+    await service.aclose()  # the direct path's pooled connections
 
 
 async def test_complete_returns_text_tool_calls_and_usage(
@@ -176,7 +179,6 @@ async def test_a_stream_takes_the_path_the_setting_chooses(
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "a b"
     # Only the direct path opens Cortex's own pooled session.
     assert (llm._direct._session is not None) == (llm_path == "direct")
-    await llm.aclose()
 
 
 async def test_stream_errors_and_cost_are_the_same_on_both_paths(
@@ -195,7 +197,6 @@ async def test_stream_errors_and_cost_are_the_same_on_both_paths(
     (usage,) = [e for e in events if isinstance(e, UsageInfo)]
     assert usage.completion_tokens and usage.cost_usd is not None and usage.cost_usd > 0
     assert provider.requests[-1]["model"] == "gpt-4o-mini"
-    await llm.aclose()
 
 
 @pytest.mark.parametrize(
@@ -220,4 +221,3 @@ async def test_a_bad_stream_event_is_a_provider_error(
     # The service goes on.
     events = [e async for e in llm.stream([{"role": "user", "content": "q"}])]
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "next"
-    await llm.aclose()
