@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -235,27 +235,31 @@ def _retry_after(header: str | None) -> float:
     return seconds if 0 < seconds <= 60 else 0.0
 
 
-async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
-    """Each `data:` event of an OpenAI SSE stream, decoded once.
+class SseDecoder:
+    """OpenAI's SSE, fed as it comes off the socket: each `data:` event decoded once (orjson).
 
-    The body is read as it comes (`readany`: one read per network packet, usually one event)
-    and split into lines here, which costs a third of aiohttp's `readline` per event. After
-    `[DONE]` the body is read to its end (the provider ends it at once), so that the
-    connection goes back to the pool instead of being closed half read.
+    The body is read with `readany` (one read per network packet, usually one event) and split
+    into lines here, which costs a third of aiohttp's `readline` per event; the stall timer is
+    armed only around that read, not per event. `[DONE]` is skipped and the body read to its
+    end (the provider ends it at once), so the connection goes back to the pool.
     """
-    content = response.content
-    loads = orjson.loads
-    rest = b""
-    while True:
-        data = await content.readany()
-        if not data:
-            return
-        if rest:
-            data = rest + data
+
+    __slots__ = ("_rest", "error")
+
+    def __init__(self) -> None:
+        self._rest = b""
+        # A bad event ends the stream after the events before it (raised by the reader).
+        self.error: ProviderError | None = None
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """The events completed by `data`, up to a bad one (then `error` is set)."""
+        if self._rest:
+            data = self._rest + data
         lines = data.split(b"\n")
-        rest = lines.pop()
-        if len(rest) > MAX_EVENT_BYTES:
+        self._rest = lines.pop()
+        if len(self._rest) > MAX_EVENT_BYTES:
             raise ProviderError("the provider sent a stream event past 16 MiB")
+        events = []
         for line in lines:
             if not line.startswith(b"data:"):
                 continue  # comments, blank separators, `event:` lines
@@ -263,15 +267,19 @@ async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str
             if payload == b"[DONE]":
                 continue
             try:
-                event = loads(payload)
-            except orjson.JSONDecodeError as exc:
-                raise ProviderError("the provider sent a stream event that is not JSON") from exc
+                event = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                self.error = ProviderError("the provider sent a stream event that is not JSON")
+                break
             if isinstance(event, dict):
                 if "error" in event and not event.get("choices"):
                     error = event["error"]
                     message = error.get("message") if isinstance(error, dict) else error
-                    raise ProviderError(f"the provider stream reported an error: {message}"[:300])
-                yield event
+                    text = f"the provider stream reported an error: {message}"[:300]
+                    self.error = ProviderError(text)
+                    break
+                events.append(event)
+        return events
 
 
 async def backoff(attempt: int, asked_s: float) -> None:

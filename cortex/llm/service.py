@@ -25,7 +25,14 @@ from .boundary import (
     merge_tool_call,
     merge_tool_call_dict,
 )
-from .direct import DirectClient, DirectRequest, RetryableStatus, backoff, build_request, sse_events
+from .direct import (
+    DirectClient,
+    DirectRequest,
+    RetryableStatus,
+    SseDecoder,
+    backoff,
+    build_request,
+)
 from .events import (
     Completion,
     Finish,
@@ -280,30 +287,34 @@ class LlmService:
                 response, request = await self._open(requests)
             async with asyncio.timeout(None) as stall_scope:
                 silence = SilenceTimer(stall_scope, idle)
-                next_event = sse_events(response).__anext__
+                decoder = SseDecoder()
+                read = response.content.readany
                 while True:
                     silence.arm()
                     try:
-                        event = await next_event()
-                    except StopAsyncIteration:
-                        break
+                        data = await read()
                     finally:
                         silence.disarm()
-                    if event.get("usage"):
-                        usage = event["usage"]
-                    choices = event.get("choices")
-                    if not choices:
-                        continue
-                    choice = choices[0]
-                    delta = choice.get("delta")
-                    if delta:
-                        text = delta.get("content")
-                        if text:
-                            yield TextDelta(text)
-                        for call in delta.get("tool_calls") or ():
-                            merge_tool_call_dict(calls, call)
-                    if choice.get("finish_reason"):
-                        finish = choice["finish_reason"]
+                    if not data:
+                        break
+                    for event in decoder.feed(data):
+                        if event.get("usage"):
+                            usage = event["usage"]
+                        choices = event.get("choices")
+                        if not choices:
+                            continue
+                        choice = choices[0]
+                        delta = choice.get("delta")
+                        if delta:
+                            text = delta.get("content")
+                            if text:
+                                yield TextDelta(text)
+                            for call in delta.get("tool_calls") or ():
+                                merge_tool_call_dict(calls, call)
+                        if choice.get("finish_reason"):
+                            finish = choice["finish_reason"]
+                    if decoder.error is not None:
+                        raise decoder.error
         except TimeoutError as exc:
             raise ProviderTimeout(
                 "the model did not answer in time"
