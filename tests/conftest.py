@@ -16,6 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from cortex.app import Cortex, running
 from cortex.config import Settings
+from cortex.store import Store, make_engine, migrate
 from cortex.testing.deltas import join_deltas
 from cortex.testing.fake_openai import FakeOpenAI
 
@@ -42,6 +43,19 @@ def make_settings(tmp_path: Path, provider: FakeOpenAI | None = None, **override
         )
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+async def store(database_url: str, tmp_path: Path) -> AsyncIterator[Store]:
+    """A migrated database (SQLite, or PostgreSQL in `BOTH_BACKENDS` modules) and its Store."""
+    await asyncio.to_thread(migrate, database_url)
+    engine = make_engine(make_settings(tmp_path, database_url=database_url))
+    store = Store(engine)
+    try:
+        yield store
+    finally:
+        await store.close()
+        await engine.dispose()
 
 
 @pytest.fixture

@@ -184,3 +184,17 @@ def test_trimming_counts_attachment_text_and_images() -> None:
     assert trimmed == [heavy]
     light = {"role": "user", "content": parts.content_parts("look", [cat, cat, cat])}
     assert llm.trim([*old, light], "gpt-4o-mini") == [*old, light]  # images: ~1,100 tokens each
+
+
+def test_scaled_images_are_kept_within_their_byte_budget_least_recent_out_first() -> None:
+    from cortex.pipeline.files import ScaledImages
+
+    cache = ScaledImages(budget=10)
+    cache.put("a", ("image/png", b"1234"))
+    cache.put("b", ("image/png", b"5678"))
+    assert cache.get("a") == ("image/png", b"1234")  # a is now the most recent
+    cache.put("c", ("image/png", b"90ab"))  # 12 bytes: b, the least recent, goes
+    assert cache.get("b") is None
+    assert cache.get("a") is not None and cache.get("c") is not None
+    cache.put("huge", ("image/png", b"x" * 11))  # larger than the budget: never kept
+    assert cache.get("huge") is None and cache.get("c") is not None

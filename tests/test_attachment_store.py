@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 from conftest import make_settings
 from sqlalchemy import func, select, update
 
-from cortex.store import Store, make_engine, migrate
+from cortex.store import Store
 from cortex.store.attachments import CHUNK_BYTES, AttachmentStore
 from cortex.store.models import Attachment, AttachmentChunk, utcnow
 
 BOTH_BACKENDS = True
-
-
-@pytest.fixture
-async def store(database_url: str, tmp_path: Path) -> AsyncIterator[Store]:
-    await asyncio.to_thread(migrate, database_url)
-    engine = make_engine(make_settings(tmp_path, database_url=database_url))
-    store = Store(engine)
-    try:
-        yield store
-    finally:
-        await store.close()
-        await engine.dispose()
 
 
 async def _upload(files: AttachmentStore, owner: str, data: bytes, name: str = "f.txt") -> str:

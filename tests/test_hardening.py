@@ -305,7 +305,6 @@ async def test_a_message_at_the_limit_in_escaped_json_is_accepted(
     await client.until_reply()
 
 
-
 async def test_a_connection_drops_the_deltas_below_the_text_it_was_given() -> None:
     """The text so far may come from Redis ahead of its deltas' PUBLISH: deltas that arrive
     later and overlap it are cut or dropped, so offsets stay exact (no repeat)."""

@@ -4,11 +4,9 @@ tests, the same answers (docs/search.md)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from alembic import command
 from conftest import make_settings
 from sqlalchemy import inspect as sa_inspect
@@ -20,18 +18,6 @@ from cortex.store import Store, make_engine, migrate
 from cortex.store.engine import alembic_config
 
 BOTH_BACKENDS = True
-
-
-@pytest.fixture
-async def store(database_url: str, tmp_path: Path) -> AsyncIterator[Store]:
-    await asyncio.to_thread(migrate, database_url)
-    engine = make_engine(make_settings(tmp_path, database_url=database_url))
-    store = Store(engine)
-    try:
-        yield store
-    finally:
-        await store.close()
-        await engine.dispose()
 
 
 def downgrade(database_url: str, revision: str) -> None:

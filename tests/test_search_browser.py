@@ -1,5 +1,6 @@
 """The page's search in headless Chromium (as tests/test_browser.py): Ctrl+K or `/`, results as
-you type with the matches marked, and a click that opens the conversation at the hit."""
+you type with the matches marked, a click that opens the conversation at the hit, and a hit on
+an inactive branch shown read-only until "Switch to this branch"."""
 
 from __future__ import annotations
 
@@ -95,3 +96,84 @@ async def test_slash_in_an_empty_composer_opens_search_and_escape_closes_it(
     await expect(page.locator("#search-panel")).to_be_hidden()
     await expect(composer).to_be_focused()
     await expect(composer).to_have_value("")
+
+
+async def test_a_hit_on_an_inactive_branch_opens_read_only_until_switched(
+    server: Cortex, open_tab: OpenTab
+) -> None:
+    store = server.store
+    first = await store.add_user_message(
+        owner=LOCAL_USER,
+        conversation_id=None,
+        content="tell me about the okapi",
+        client_msg_id=None,
+    )
+    assert first is not None
+    conv = first.conversation.id
+    await store.add_message(
+        conversation_id=conv, role="assistant", content="answer one", parent_id=first.message.id
+    )
+    await store.mark_answered(conv, first.message.seq)
+    # Edited: the original (with the word) is now on an inactive branch.
+    edited = await store.edit_message(
+        owner=LOCAL_USER,
+        conversation_id=conv,
+        message_id=first.message.id,
+        content="tell me about the giraffe",
+        client_msg_id=None,
+        reply_options={},
+    )
+    await store.add_message(
+        conversation_id=conv, role="assistant", content="answer two", parent_id=edited.message.id
+    )
+    await store.mark_answered(conv, edited.message.seq)
+    assert first.message.id not in await store.active_path_ids(conv)
+
+    tab = await open_tab(f"#c={conv}")
+    page = tab.page
+    texts = page.locator("#messages .msg-user .user-text")
+    await expect(texts).to_have_text(["tell me about the giraffe"])
+    banner = page.locator("#branch-banner")
+    await expect(banner).to_be_hidden()
+
+    await page.keyboard.press("Control+k")
+    await page.locator("#search-input").press_sequentially("okapi")
+    # The message's hit (the title, made from it, matches too).
+    hit = page.locator(f"#search-results .search-hit button[data-seq='{first.message.seq}']")
+    await expect(hit).to_have_count(1)
+    await hit.click()
+
+    # That branch, read-only: the banner, the original text, no composer, no branch actions.
+    await expect(banner).to_be_visible()
+    await expect(banner).to_contain_text("another branch")
+    switch = banner.get_by_role("button", name="Switch to this branch")
+    await expect(switch).to_be_focused()
+    await expect(texts).to_have_text(["tell me about the okapi"])
+    await expect(page.locator("#messages li.msg-found")).to_contain_text("okapi")
+    await expect(page.locator("#input")).to_be_disabled()
+    await expect(page.locator("#send")).to_be_disabled()
+    await expect(page.locator("#messages .edit-btn:visible")).to_have_count(0)
+    await expect(page.locator("#messages .regen-btn:visible")).to_have_count(0)
+    await expect(page.locator("#messages .branch-nav:visible")).to_have_count(0)
+    assert first.message.id not in await store.active_path_ids(conv)
+
+    # "Back to the current branch": the active path again, still unchanged.
+    await banner.get_by_role("button", name="Back to the current branch").click()
+    await expect(banner).to_be_hidden()
+    await expect(texts).to_have_text(["tell me about the giraffe"])
+    await expect(page.locator("#input")).to_be_enabled()
+
+    # Open the hit again, then switch (by keyboard): the server's path now runs through it.
+    await page.keyboard.press("Control+k")
+    await page.locator("#search-input").press_sequentially("okapi")
+    await expect(hit).to_have_count(1)
+    await hit.click()
+    await expect(banner).to_be_visible()
+    await expect(switch).to_be_focused()
+    await page.keyboard.press("Enter")
+    await expect(banner).to_be_hidden()
+    await expect(page.locator("#input")).to_be_enabled()
+    await expect(page.locator("#input")).to_be_focused()
+    await expect(texts).to_have_text(["tell me about the okapi"])
+    await expect(page.locator("#messages .msg-user .branch-pos")).to_have_text("1/2")
+    assert first.message.id in await store.active_path_ids(conv)

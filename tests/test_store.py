@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-from conftest import make_settings
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from cortex.store import Store, make_engine, migrate
+from cortex.store import Store
 from cortex.store.models import Conversation, Message, utcnow
 
 BOTH_BACKENDS = True
-
-
-@pytest.fixture
-async def store(database_url: str, tmp_path: Path) -> AsyncIterator[Store]:
-    await asyncio.to_thread(migrate, database_url)
-    engine = make_engine(make_settings(tmp_path, database_url=database_url))
-    store = Store(engine)
-    try:
-        yield store
-    finally:
-        await store.close()
-        await engine.dispose()
 
 
 def _conversation(conversation_id: str) -> Conversation:

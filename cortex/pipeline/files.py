@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,36 @@ from ..store.models import Attachment
 
 if TYPE_CHECKING:
     from ..store.repo import Store
+
+log = logging.getLogger("cortex.attachments")
+
+# The images a model is sent, scaled, kept by attachment id (its bytes never change): a
+# conversation sends its images again at every turn, and scaling one takes up to a second.
+SCALED_CACHE_BYTES = 64 * 1024 * 1024
+
+
+class ScaledImages:
+    """A least-recently-used cache of model-ready images, bounded by their bytes."""
+
+    def __init__(self, budget: int = SCALED_CACHE_BYTES) -> None:
+        self.budget = budget
+        self._items: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, attachment_id: str) -> tuple[str, bytes] | None:
+        found = self._items.get(attachment_id)
+        if found is not None:
+            self._items.move_to_end(attachment_id)
+        return found
+
+    def put(self, attachment_id: str, item: tuple[str, bytes]) -> None:
+        if len(item[1]) > self.budget or attachment_id in self._items:
+            return
+        self._items[attachment_id] = item
+        self._bytes += len(item[1])
+        while self._bytes > self.budget:
+            _, (_, data) = self._items.popitem(last=False)
+            self._bytes -= len(data)
 
 
 def attachment_view(row: Attachment) -> AttachmentView:
@@ -114,6 +146,8 @@ class Upload:
         row = await self.files.store.finish(
             self.id, owner=self.owner, sha256=self._sha.hexdigest(), **fields
         )
+        if row.kind == "image":
+            self.files.prepare(row)  # scaled while the user writes, not when they send
         return attachment_view(row)
 
     async def discard(self) -> None:
@@ -126,6 +160,28 @@ class Files:
     def __init__(self, *, settings: Settings, store: Store) -> None:
         self.settings = settings
         self.store = AttachmentStore(store)
+        self.scaled = ScaledImages()
+        self._preparing: set[asyncio.Task[None]] = set()
+
+    def prepare(self, row: Attachment) -> None:
+        """Scale a new image for the model in the background (a send then finds it ready)."""
+        task = asyncio.create_task(self._prepare(row))
+        self._preparing.add(task)
+        task.add_done_callback(self._preparing.discard)
+
+    async def _prepare(self, row: Attachment) -> None:
+        try:
+            await self._scaled_image(row)
+        except Exception:  # the send scales it again, and reports what fails there
+            log.warning("could not prepare image %s for the model", row.id, exc_info=True)
+
+    async def _scaled_image(self, row: Attachment) -> tuple[str, bytes]:
+        found = self.scaled.get(row.id)
+        if found is None:
+            raw = await self.store.read(row.id)
+            found = await asyncio.to_thread(image.for_model, raw, row.content_type)
+            self.scaled.put(row.id, found)
+        return found
 
     async def begin(self, owner: str, *, filename: str, size: int) -> Upload:
         """Open an upload, or refuse it before any byte is held: too large, over the quota."""
@@ -176,8 +232,7 @@ class Files:
     async def _for_model(self, row: Attachment) -> ModelAttachment:
         content_type, data = row.content_type, None
         if row.kind == "image":
-            raw = await self.store.read(row.id)
-            content_type, data = await asyncio.to_thread(image.for_model, raw, row.content_type)
+            content_type, data = await self._scaled_image(row)
         return ModelAttachment(
             filename=row.filename,
             kind=row.kind or "text",

@@ -52,6 +52,10 @@ const ui = {
   stop: $("stop"),
   live: $("live"),
   searchOpen: $("search-open"),
+  attach: $("attach"),
+  branchBanner: $("branch-banner"),
+  branchSwitch: $("branch-switch"),
+  branchBack: $("branch-back"),
 };
 
 const conn = new Connection();
@@ -78,12 +82,17 @@ const session = new Session({
   },
 });
 
-// The branch buttons of each message (edit, regenerate, ‹ n/m ›, fork).
+// The branch buttons of each message (edit, regenerate, ‹ n/m ›, fork); hidden, and inert, while
+// another branch is shown read-only.
+const unlessReadOnly =
+  (action) =>
+  (...args) =>
+    session.chat.readOnlyAt ? null : action(...args);
 setActions({
-  edit: (msg, text) => session.editMessage(msg, text),
-  regenerate: (msg) => session.regenerate(msg),
-  switchTo: (id) => session.switchTo(id),
-  fork: (msg) => session.fork(msg),
+  edit: unlessReadOnly((msg, text) => session.editMessage(msg, text)),
+  regenerate: unlessReadOnly((msg) => session.regenerate(msg)),
+  switchTo: unlessReadOnly((id) => session.switchTo(id)),
+  fork: unlessReadOnly((msg) => session.fork(msg)),
 });
 
 // ---- search (docs/search.md) ----------------------------------------------------------------
@@ -104,8 +113,15 @@ const search = new SearchBox({
     const id = String(hit.conversation_id);
     if (!ID_PATTERN.test(id)) return;
     if (hashId() !== id) history.pushState(null, "", `#c=${encodeURIComponent(id)}`);
-    openConversation(id, { aroundSeq: Number.isInteger(hit.seq) ? hit.seq : null });
-    ui.input.focus();
+    // A hit on an inactive branch opens that branch read-only (switching changes the path
+    // every client sees, so it is a button of its own).
+    const inactive = hit.on_active_path === false && typeof hit.message_id === "string";
+    openConversation(id, {
+      aroundSeq: Number.isInteger(hit.seq) ? hit.seq : null,
+      readOnlyAt: inactive ? hit.message_id : null,
+    });
+    if (session.chat.readOnlyAt) ui.branchSwitch.focus();
+    else ui.input.focus();
   },
 });
 
@@ -167,6 +183,10 @@ function followUrl() {
 function onFrame(frame) {
   const chat = session.chat;
   const mine = typeof frame.conversation_id === "string" && frame.conversation_id === chat.id;
+  // Another branch shown read-only: the live events (of the active path) are not drawn into
+  // it; leaving it reads the conversation again.
+  const live = ["message", "delta", "typing", "tool_call", "tool_result"];
+  if (mine && chat.readOnlyAt && live.includes(frame.type)) return;
   switch (frame.type) {
     case "message": {
       if (!mine) {
@@ -232,8 +252,14 @@ function onConversation(frame, mine) {
   const conv = frame.conversation;
   if (!conv || typeof conv !== "object") return;
   if (mine) session.chat.info = { ...conv }; // the header's title when the sidebar lacks it
-  // The active path moved (edit, regenerate, switch_branch, delete_branch): draw it again.
-  if (mine && (frame.active_leaf_id !== undefined || !conv.active_leaf_id)) session.reload();
+  // The active path moved (edit, regenerate, switch_branch, delete_branch): draw it again,
+  // unless another branch is shown read-only and this is not our "Switch to this branch".
+  const moved = frame.active_leaf_id !== undefined || !conv.active_leaf_id;
+  const chat = session.chat;
+  if (mine && moved && (!chat.readOnlyAt || chat.switching)) {
+    session.reload();
+    if (chat.switching) ui.input.focus(); // the banner and its button are gone
+  }
   sidebar.update(id, conv);
   view.updateChrome();
 }
@@ -370,6 +396,11 @@ ui.form.addEventListener("submit", (event) => {
   ui.input.focus();
 });
 ui.stop.addEventListener("click", () => session.stop());
+ui.branchSwitch.addEventListener("click", () => session.switchToShown());
+ui.branchBack.addEventListener("click", () => {
+  session.reload(); // the active path, as when the conversation is opened
+  ui.input.focus();
+});
 ui.newChat.addEventListener("click", () => {
   newChat();
   ui.input.focus();

@@ -105,8 +105,8 @@ export function createMessage(msg) {
         "div",
         { class: "msg-actions" },
         h("div", { class: "branch-nav" }),
-        actionButton("Edit", "Edit this message", () => startEdit(li), "edit-btn"),
-        actionButton("Fork", "Fork: a new conversation up to here", () => fork(li)),
+        actionButton("Edit", "Edit this message", () => startEdit(li), "edit-btn branch-action"),
+        actionButton("Fork", "Fork: a new conversation up to here", () => fork(li), "branch-action"),
       ),
     );
   } else if (msg.kind === "notice") {
@@ -143,8 +143,8 @@ export function createMessage(msg) {
             icon("copy"),
             h("span", { class: "action-label", text: "Copy" }),
           ),
-          actionButton("Regenerate", "Another reply", () => regenerate(li), "regen-btn"),
-          actionButton("Fork", "Fork: a new conversation up to here", () => fork(li)),
+          actionButton("Regenerate", "Another reply", () => regenerate(li), "regen-btn branch-action"),
+          actionButton("Fork", "Fork: a new conversation up to here", () => fork(li), "branch-action"),
           h("div", { class: "branch-nav" }),
         ),
       ),

@@ -29,7 +29,7 @@ export class Session {
    * Show conversation `id` (null: a new chat). `unsubscribe`: tell the server that the one shown
    * until now is no longer watched (not after it was deleted).
    */
-  open(id, { unsubscribe = true, aroundSeq = null } = {}) {
+  open(id, { unsubscribe = true, aroundSeq = null, readOnlyAt = null } = {}) {
     const { conn } = this;
     if (unsubscribe && this.chat.id && this.chat.id !== id && conn.isOpen) {
       conn.send({ type: "unsubscribe", conversation_id: this.chat.id });
@@ -37,6 +37,8 @@ export class Session {
     this.chat = new Chat(id);
     // A search hit: the first page is the one around it (history {around_seq}).
     this.chat.aroundSeq = id && Number.isInteger(aroundSeq) ? aroundSeq : null;
+    // A hit on an inactive branch: that branch, read-only (no subscribe, no sending).
+    this.chat.readOnlyAt = id && this.chat.aroundSeq !== null ? readOnlyAt : null;
     this.view.show(this.chat);
     this.sidebar.setActive(id);
     this.view.updateChrome();
@@ -57,7 +59,7 @@ export class Session {
       for (const msg of page.messages || []) c.upsert(msg);
       c.hasMore = Boolean(page.has_more);
       c.loaded = true;
-      this.subscribe();
+      if (!c.readOnlyAt) this.subscribe(); // live events follow the active path, not this one
       view.flush(true);
       if (c.aroundSeq === null || !view.showSeq(c.aroundSeq)) view.scrollToBottom();
     } catch (err) {
@@ -134,7 +136,7 @@ export class Session {
 
   /** Catch up after a gap in the stream (once, however many gaps show meanwhile). */
   resync() {
-    if (this.chat.loaded && !this.chat.resyncing) this.subscribe();
+    if (this.chat.loaded && !this.chat.resyncing && !this.chat.readOnlyAt) this.subscribe();
   }
 
   /** Connected (again): resend what was not acknowledged, then catch up. */
@@ -144,7 +146,7 @@ export class Session {
     for (const entry of this.outbox.values()) this.transmit(entry);
     const c = this.chat;
     if (c.id) {
-      if (c.loaded) this.subscribe();
+      if (c.loaded && !c.readOnlyAt) this.subscribe();
       else this.loadInitial();
     }
   }
@@ -174,6 +176,7 @@ export class Session {
     const attachments = tray ? tray.ready : [];
     if ((!text.trim() && !attachments.length) || !this.conn.isOpen) return;
     if (!c.id && this.creating) return; // the first message is still creating the chat
+    if (c.readOnlyAt) return; // another branch, shown read-only
     const entry = this.outbox.add(c, text, attachments);
     if (tray) tray.clear();
     ui.input.value = "";
@@ -228,6 +231,22 @@ export class Session {
   }
 
   // ---- branches (docs/protocol.md, "Branches") ---------------------------------------------
+
+  /**
+   * Make the branch shown read-only the active one. The server's `conversation` event with the
+   * new `active_leaf_id` then reads it again, no longer read-only (main.js).
+   */
+  async switchToShown() {
+    const c = this.chat;
+    if (!c.readOnlyAt || c.switching) return;
+    c.switching = true;
+    this.view.updateChrome();
+    const ack = await this.branch({ type: "switch_branch", message_id: c.readOnlyAt });
+    if (!ack && c === this.chat) {
+      c.switching = false;
+      this.view.updateChrome();
+    }
+  }
 
   /** Read the open conversation again: its active path changed. */
   reload() {

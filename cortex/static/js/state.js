@@ -98,6 +98,10 @@ export class Chat {
     this.stopping = false;
     this.resyncing = false;
     this.aroundSeq = null; // a search hit to open the conversation at (session.js)
+    // A search hit on an inactive branch: the id of the hit message, whose branch is shown
+    // read-only until the user switches to it or goes back (session.js); else null.
+    this.readOnlyAt = null;
+    this.switching = false; // "Switch to this branch" was sent
   }
 
   markDirty(msg) {

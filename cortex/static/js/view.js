@@ -157,21 +157,33 @@ export class ChatView {
         : "New chat";
     if (ui.title.textContent !== title) ui.title.textContent = title;
     document.title = `${title} · Cortex`;
+    // A search hit on an inactive branch: shown read-only, with Switch and Back (main.js).
+    const readOnly = Boolean(chat.readOnlyAt);
+    ui.branchBanner.hidden = !readOnly;
+    ui.branchSwitch.disabled = chat.switching || !this.conn.isOpen;
+    ui.list.classList.toggle("read-only", readOnly);
     this.updateSendButton();
   }
 
   updateSendButton() {
     const { ui, chat } = this;
     const open = this.conn.isOpen;
-    ui.input.disabled = !open;
+    const readOnly = Boolean(chat.readOnlyAt);
+    ui.input.disabled = !open || readOnly;
+    ui.attach.disabled = readOnly;
     const tray = this.tray; // attachments: files waiting to go, maybe still uploading
     const files = tray ? tray.ready.length : 0;
     ui.send.disabled =
       !open ||
       (!ui.input.value.trim() && !files) ||
       (tray && tray.busy) ||
-      (!chat.id && this.creating());
-    ui.input.placeholder = open ? "Message Cortex" : "Waiting for the connection…";
+      (!chat.id && this.creating()) ||
+      readOnly;
+    ui.input.placeholder = readOnly
+      ? "Read-only: switch to this branch to reply"
+      : open
+        ? "Message Cortex"
+        : "Waiting for the connection…";
   }
 
   /** Grow the message box with its text (where CSS `field-sizing` cannot). */
