@@ -337,6 +337,30 @@ async def measure_on(
     }
 
 
+# Issue 24's figures: the server's CPU at 60 conversations on 495a8b5 (before the direct path),
+# and the share of a core 200 conversations may use (>= 500 conversations per core).
+CPU_AT_60_BEFORE = 0.92
+CPU_AT_200_TARGET = 0.4
+
+
+def targets(report: dict[str, Any]) -> str:
+    """The server's CPU at 60 and at 200 conversations against issue 24's targets."""
+    steps = {s["concurrency"]: s for s in report["cortex"]}
+    parts = []
+    if 60 in steps:
+        parts.append(f"CPU at 60: {steps[60]['cpu_share']:.2f} (was {CPU_AT_60_BEFORE})")
+    if 200 in steps:
+        at = steps[200]
+        passed = at["completed"] == 200 and at["gap_p99_ms"] < LIMIT_MS
+        ok = passed and at["cpu_share"] <= CPU_AT_200_TARGET
+        parts.append(
+            f"CPU at 200: {at['cpu_share']:.2f}, p99 gap {at['gap_p99_ms']:.1f} ms "
+            f"({'meets' if ok else 'misses'} <= {CPU_AT_200_TARGET} of a core with p99 < "
+            f"{LIMIT_MS:g} ms)"
+        )
+    return "targets: " + ("; ".join(parts) if parts else "run steps 60 and 200 to see them")
+
+
 def render(report: dict[str, Any]) -> str:
     m = report["machine"]
     rate = 1 / report["chunk_delay_s"] if report["chunk_delay_s"] else float("inf")
@@ -386,6 +410,7 @@ def render(report: dict[str, Any]) -> str:
         + (f", litellm alone {best['litellm']}" if report["litellm"] else "")
         + " (of the concurrencies tried)"
     )
+    out.append(targets(report))
     if report["profile"]:
         out += ["", "server profile (py-spy):"]
         out += [f"  {line}" for line in report["profile"]]

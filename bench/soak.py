@@ -46,6 +46,7 @@ from _common import (
     proc_fd_count,
     proc_status,
     raise_fd_limit,
+    server_settings,
     start_cortex,
     start_fake_provider,
 )
@@ -148,6 +149,7 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 "CORTEX_NUM_RETRIES": str(args.num_retries),
                 "CORTEX_STREAM_IDLE_TIMEOUT": str(args.idle_timeout),
                 "CORTEX_SHUTDOWN_GRACE_S": str(args.grace),
+                **server_settings(args.set),
             },
         )
         started.append(server)
@@ -410,6 +412,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-retries", type=int, default=1, help="CORTEX_NUM_RETRIES")
     p.add_argument("--idle-timeout", type=float, default=2.0, help="CORTEX_STREAM_IDLE_TIMEOUT")
     p.add_argument("--grace", type=float, default=5.0, help="CORTEX_SHUTDOWN_GRACE_S")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="CORTEX_X=V",
+        help="a server setting (repeatable), e.g. CORTEX_LLM_FAST_PATH=0",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory (db, logs)")
     p.add_argument("--json", action="store_true", help="JSON on stdout, the table on stderr")
     p.add_argument("--provider-process", action="store_true", help=argparse.SUPPRESS)

@@ -10,8 +10,11 @@ no delay), a `cortex serve` process, and this script.
     and iterates every chunk: time to the first content chunk, and chunks/s from the call to the
     end of the stream.
 (b) cortex: this script, as WebSocket client(s), sends a message to the Cortex process, which
-    calls LiteLLM the same way and relays each chunk as a `delta`: time from `send` to the
-    first `delta`, and chunks/s from `send` to the final stored `message`.
+    calls the model (its direct SSE reader, or LiteLLM with `--set CORTEX_LLM_FAST_PATH=0`)
+    and relays each chunk as a `delta`: time from `send` to the first `delta`, and chunks/s
+    from `send` to the final stored `message`.
+(c) floor: this script reads the same stream with bare httpx `aiter_lines()` + `json.loads`,
+    the least any reader can spend per chunk; Cortex's CPU per chunk is printed against it.
 
 Cortex runs in its own process, not in-process with `running()`: in-process, the client's
 frame parsing and the server's work would share one event loop and one core, so the figure
@@ -55,6 +58,7 @@ from _common import (
     print_report,
     proc_cpu_seconds,
     proc_status,
+    server_settings,
     start_cortex,
     start_fake_provider,
     summarize,
@@ -117,6 +121,46 @@ async def direct_batch(
     async with asyncio.timeout(batch_timeout(concurrency, chunks)):
         streams = await asyncio.gather(
             *(direct_stream(litellm, api_base, hook) for _ in range(concurrency))
+        )
+    wall = time.perf_counter() - start
+    return Batch(wall=wall, cpu=time.process_time() - cpu0, streams=list(streams))
+
+
+# ------------------------------------------------------------------- (c) the bare httpx floor
+
+
+async def floor_stream(client: Any, api_base: str) -> Stream:
+    """The stream read with httpx lines and `json.loads`, nothing else: the floor."""
+    body = {
+        "model": "fake",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first = 0.0
+    count = 0
+    url = api_base.rstrip("/") + "/chat/completions"
+    async with client.stream("POST", url, json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[5:])
+            choices = event.get("choices")
+            if choices and choices[0]["delta"].get("content"):
+                count += 1
+                if not first:
+                    first = time.perf_counter()
+    end = time.perf_counter()
+    return Stream(first=first - start, total=end - start, chunks=count)
+
+
+async def floor_batch(client: Any, api_base: str, concurrency: int, chunks: int) -> Batch:
+    cpu0 = time.process_time()
+    start = time.perf_counter()
+    async with asyncio.timeout(batch_timeout(concurrency, chunks)):
+        streams = await asyncio.gather(
+            *(floor_stream(client, api_base) for _ in range(concurrency))
         )
     wall = time.perf_counter() - start
     return Batch(wall=wall, cpu=time.process_time() - cpu0, streams=list(streams))
@@ -207,12 +251,21 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     str(args.chunks),
                     "--chunk-delay",
                     str(args.chunk_delay),
+                    "--first-chunk-delay",
+                    str(args.first_chunk_delay),
                 ],
                 workdir,
             )
             started.append(fake)
             # LiteLLM's import (seconds) in this process overlaps the server's start-up.
-            server_task = asyncio.create_task(start_cortex(workdir, fake.url))
+            server_task = asyncio.create_task(
+                start_cortex(workdir, fake.url, server_settings(args.set))
+            )
+            import httpx
+
+            floor_client = httpx.AsyncClient(
+                timeout=None, limits=httpx.Limits(max_connections=None)
+            )
             litellm = await asyncio.to_thread(load_litellm)
             hook = None if args.no_window_baseline else window_hook()
             server = await server_task
@@ -227,11 +280,15 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 chunks = args.chunks
                 # Warm-up (not counted): first-call costs of LiteLLM and of the server.
                 await direct_batch(litellm, fake.url, concurrency, chunks)
+                await floor_batch(floor_client, fake.url, concurrency, chunks)
                 await cortex_batch_fresh(concurrency, server, chunks)
+                floor: list[Batch] = []
                 direct: list[Batch] = []
                 windowed: list[Batch] = []
                 cortex: list[Batch] = []
                 for _ in range(args.repeat):
+                    await asyncio.sleep(SETTLE_S)
+                    floor.append(await floor_batch(floor_client, fake.url, concurrency, chunks))
                     await asyncio.sleep(SETTLE_S)
                     direct.append(await direct_batch(litellm, fake.url, concurrency, chunks))
                     if hook is not None:
@@ -240,11 +297,13 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                             await direct_batch(litellm, fake.url, concurrency, chunks, hook)
                         )
                     cortex.append(await cortex_batch_fresh(concurrency, server, chunks))
+                results.append(summarize("floor", concurrency, args.chunks, floor))
                 results.append(summarize("litellm", concurrency, args.chunks, direct))
                 if windowed:
                     results.append(summarize("litellm+w", concurrency, args.chunks, windowed))
                 results.append(summarize("cortex", concurrency, args.chunks, cortex))
                 peaks[concurrency] = proc_status(server.pid).get("VmHWM", 0)
+            await floor_client.aclose()
             ours = time.process_time() + sum(proc_cpu_seconds(p) for p in pids) - ours0
             other_cpu = foreign.fraction(ours)
             status = proc_status(server.pid)
@@ -255,6 +314,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "chunks": args.chunks,
         "chunk_delay_s": args.chunk_delay,
+        "first_chunk_delay_s": args.first_chunk_delay,
+        "server_settings": server_settings(args.set),
         "repeat": args.repeat,
         "other_processes_cpu_fraction": round(other_cpu, 3),
         "results": [asdict(r) for r in results],
@@ -276,8 +337,11 @@ def render(report: dict[str, Any]) -> str:
         f"stream_overhead  {report['date']}  {m['cpus']} x {m['cpu_model']}, "
         f"python {m['python']}, litellm {m['litellm']}, cortex {m['cortex_commit']}",
         f"{report['chunks']} chunks per stream (one word each, "
-        f"{report['chunk_delay_s'] * 1000:g} ms apart), median of {report['repeat']} repeats; "
+        f"{report['chunk_delay_s'] * 1000:g} ms apart, the first after "
+        f"{report.get('first_chunk_delay_s', 0) * 1000:g} ms), "
+        f"median of {report['repeat']} repeats; "
         f"other processes used {report['other_processes_cpu_fraction']:.0%} of the CPU meanwhile",
+        f"server settings: {report['server_settings'] or 'defaults (the direct path)'}",
         "",
         f"{'conc':>4}  {'path':<8} {'first chunk ms':>14} {'total ms':>9} {'chunks/s':>9} "
         f"{'CPU us/chunk':>12} {'frames':>7}",
@@ -286,7 +350,7 @@ def render(report: dict[str, Any]) -> str:
     for r in report["results"]:
         by_conc.setdefault(r["concurrency"], {})[r["path"]] = r
     for conc, modes in by_conc.items():
-        for mode in ("litellm", "litellm+w", "cortex"):
+        for mode in ("floor", "litellm", "litellm+w", "cortex"):
             if mode not in modes:
                 continue
             r = modes[mode]
@@ -296,6 +360,17 @@ def render(report: dict[str, Any]) -> str:
                 f"{r['frames_per_stream']:>7.0f}"
             )
         b = modes["cortex"]
+        if "floor" in modes:
+            late = b["first_ms"] - modes["floor"]["first_ms"]
+            out.append(
+                f"{'':>4}  cortex/floor first chunk {late:+.2f} ms "
+                f"({'meets' if late <= 2 else 'misses'} the target +2 ms)"
+            )
+            ratio = b["cpu_us_per_chunk"] / modes["floor"]["cpu_us_per_chunk"]
+            verdict = "meets" if ratio <= 5 else "misses"
+            out.append(
+                f"{'':>4}  cortex/floor CPU per chunk x{ratio:.2f} ({verdict} the target x5)"
+            )
         for base in ("litellm", "litellm+w"):
             if base not in modes:
                 continue
@@ -320,6 +395,7 @@ def render(report: dict[str, Any]) -> str:
     out += [f"  {line}" for line in s["log_error_lines"]]
     out += [
         "",
+        "floor: bare httpx aiter_lines + json.loads here, the least a reader spends;",
         "litellm: litellm.acompletion called here; litellm+w: the same with Cortex's bound on",
         "LiteLLM's chunk list (what remains against it is Cortex's own work); cortex: through",
         "the server to WebSocket clients. first chunk: request/send to the first content",
@@ -350,9 +426,23 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds between the provider's chunks (default 0: as fast as it can)",
     )
     parser.add_argument(
+        "--first-chunk-delay",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds the provider takes to its first chunk (0.2: issue 24's first-delta case)",
+    )
+    parser.add_argument(
         "--no-window-baseline",
         action="store_true",
         help="skip the litellm+w baseline (LiteLLM with Cortex's chunk-list bound)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="CORTEX_X=V",
+        help="a server setting (CORTEX_LLM_FAST_PATH=0: the LiteLLM path)",
     )
     parser.add_argument("--all", action="store_true", help="concurrency 1 and 20")
     parser.add_argument(

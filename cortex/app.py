@@ -227,6 +227,7 @@ class Cortex:
         await self.hub.close()
         await self.store.close()
         await self.engine.dispose()
+        await self.llm.aclose()
 
 
 def load_mcp_configs(settings: Settings) -> list[ServerConfig]:

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     max_tokens: int | None = Field(default=None, gt=0)
     system_prompt: str = "You are a helpful assistant."
     litellm_remote_cost_map: bool = False
+    # Read OpenAI-format streams directly (cortex/llm/direct.py); off: LiteLLM reads every one.
+    llm_fast_path: bool = True
 
     max_message_chars: int = Field(default=32_000, gt=0)
     max_reply_chars: int = Field(default=200_000, ge=1000)  # a reply stops there (too_large)

@@ -62,6 +62,7 @@ async def run_checks(
         checks.append(await _redis(settings.redis_url.get_secret_value(), limit_s))
     checks.append(await _auth(settings, state))
     checks.extend(_keys(settings, state, env))
+    checks.append(_stream_path(settings))
     checks.extend(await _mcp(settings, limit_s, env))
     if not call_model:
         checks.append(Check("model", "skip", "not called (--no-model)"))
@@ -304,6 +305,20 @@ def _key_check(litellm: Any, model: str, settings: Settings) -> Check:
         f"{model} needs {' or '.join(missing) if len(missing) > 1 else missing[0]}, which is "
         "not set (export it, put it in .env, or set CORTEX_LLM_API_KEY)",
     )
+
+
+def _stream_path(settings: Settings) -> Check:
+    """Which reader a reply of the default model streams through (`CORTEX_LLM_FAST_PATH`)."""
+    from .llm import LlmService
+
+    model = settings.model()
+    quiet = io.StringIO()  # LiteLLM prints a banner to stdout for a model it does not know
+    with contextlib.redirect_stdout(quiet):
+        path = LlmService(settings).path_for(model)
+    if path == "direct":
+        return Check("stream path", "ok", f"{model}: direct (Cortex reads the OpenAI-format SSE)")
+    why = "CORTEX_LLM_FAST_PATH is off" if not settings.llm_fast_path else "not OpenAI-format SSE"
+    return Check("stream path", "ok", f"{model}: LiteLLM ({why})")
 
 
 async def _model(settings: Settings, limit_s: float) -> Check:

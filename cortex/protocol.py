@@ -19,6 +19,7 @@ import re
 from collections import deque
 from typing import Annotated, Any, Literal, Union, cast, get_args
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
 from .errors import BadFrame, BadJson, ProtocolError, TooLarge, UnknownType
@@ -549,20 +550,20 @@ class DeltaFrame(str):
 
 
 def delta_frame(conversation_id: str, message_id: str, offset: int, text: str) -> DeltaFrame:
-    """The hottest frame of all, encoded without building a model."""
-    frame = DeltaFrame(
-        json.dumps(
-            {
-                "type": "delta",
-                "conversation_id": conversation_id,
-                "message_id": message_id,
-                "offset": offset,
-                "text": text,
-            },
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
-    )
+    """The hottest frame of all, encoded without building a model (orjson: a third of
+    `json.dumps`; text with a lone surrogate, which orjson refuses, goes through `json`)."""
+    event = {
+        "type": "delta",
+        "conversation_id": conversation_id,
+        "message_id": message_id,
+        "offset": offset,
+        "text": text,
+    }
+    try:
+        encoded = orjson.dumps(event).decode()
+    except TypeError:
+        encoded = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    frame = DeltaFrame(encoded)
     frame.conversation_id = conversation_id
     frame.message_id = message_id
     frame.offset = offset

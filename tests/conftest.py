@@ -65,9 +65,20 @@ async def provider() -> AsyncIterator[FakeOpenAI]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Modules that set `BOTH_BACKENDS = True` run every test on SQLite and on PostgreSQL."""
+    """Modules that set `BOTH_BACKENDS = True` run every test on SQLite and on PostgreSQL;
+    modules that set `BOTH_LLM_PATHS = True` run every test on the direct and LiteLLM paths."""
     if "database_url" in metafunc.fixturenames and getattr(metafunc.module, "BOTH_BACKENDS", False):
         metafunc.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
+    if getattr(metafunc.module, "BOTH_LLM_PATHS", False):
+        metafunc.parametrize("llm_path", ["direct", "litellm"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def llm_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The stream path every `Settings` of the test takes (`CORTEX_LLM_FAST_PATH`)."""
+    path: str = getattr(request, "param", "direct")
+    monkeypatch.setenv("CORTEX_LLM_FAST_PATH", "1" if path == "direct" else "0")
+    return path
 
 
 @pytest.fixture

@@ -80,6 +80,7 @@ async def test_doctor_passes_with_a_working_setup(
     newest = sorted(p.name[:4] for p in (MIGRATIONS_DIR / "versions").glob("[0-9]*.py"))[-1]
     assert "ok    database" in out and f"ok    migrations    at {newest}, the newest" in out
     assert "ok    provider key  openai/fake-model: present (CORTEX_LLM_API_KEY)" in out
+    assert "ok    stream path   openai/fake-model: direct (Cortex reads" in out
     assert "ok    model         openai/fake-model answered" in out
     assert out.rstrip().endswith("Everything looks right.")
     assert provider.requests[-1]["max_tokens"] == 1 and not provider.requests[-1].get("stream")
@@ -94,6 +95,13 @@ async def test_doctor_reports_a_missing_key(
     assert "FAIL  provider key  gpt-4o-mini needs OPENAI_API_KEY, which is not set" in out
     assert "skip  model         not called: a provider key is missing" in out
     assert "1 check failed." in out
+    monkeypatch.setenv("CORTEX_LLM_FAST_PATH", "0")
+    status, out = await doctor(capsys, "--no-model")
+    assert "stream path   gpt-4o-mini: LiteLLM (CORTEX_LLM_FAST_PATH is off)" in out
+    monkeypatch.setenv("CORTEX_DEFAULT_MODEL", "anthropic/claude-3-5-sonnet-20240620")
+    monkeypatch.delenv("CORTEX_LLM_FAST_PATH")
+    status, out = await doctor(capsys, "--no-model")
+    assert "stream path   anthropic/claude-3-5-sonnet-20240620: LiteLLM (not OpenAI-format" in out
 
 
 async def test_doctor_reports_an_unreachable_database(

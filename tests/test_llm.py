@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,15 @@ from cortex.errors import ProviderError, ProviderTimeout
 from cortex.llm import LlmService, TextDelta, ToolCalls, UsageInfo
 from cortex.testing.fake_openai import FakeOpenAI, Reply, ToolCallSpec
 
+# Every test runs on the direct stream path and on LiteLLM's (conftest).
+BOTH_LLM_PATHS = True
+
 
 @pytest.fixture
-def llm(tmp_path: Path, provider: FakeOpenAI) -> LlmService:
-    return LlmService(make_settings(tmp_path, provider, stream_idle_timeout=0.3))
+async def llm(tmp_path: Path, provider: FakeOpenAI) -> AsyncIterator[LlmService]:
+    service = LlmService(make_settings(tmp_path, provider, stream_idle_timeout=0.3))
+    yield service
+    await service.aclose()  # the direct path's pooled connections
 
 
 async def test_complete_returns_text_tool_calls_and_usage(
@@ -159,3 +165,59 @@ def test_a_history_past_the_window_loses_its_oldest_messages(llm: LlmService) ->
     trimmed = llm.trim(history, "gpt-4o-mini")
     assert 0 < len(trimmed) < len(history)
     assert trimmed[-1]["content"] == history[-1]["content"]  # the newest message stays
+
+
+async def test_a_stream_takes_the_path_the_setting_chooses(
+    llm: LlmService, provider: FakeOpenAI, llm_path: str
+) -> None:
+    """OpenAI-format models stream on the direct path unless it is off; others on LiteLLM."""
+    assert llm.path_for() == llm_path
+    assert llm.path_for("anthropic/claude-3-5-sonnet-20240620") == "litellm"
+    assert llm.path_for("mock") == "litellm"
+    provider.enqueue(Reply(text="a b"))
+    events = [e async for e in llm.stream([{"role": "user", "content": "hi"}])]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "a b"
+    # Only the direct path opens Cortex's own pooled session.
+    assert (llm._direct._session is not None) == (llm_path == "direct")
+
+
+async def test_stream_errors_and_cost_are_the_same_on_both_paths(
+    llm: LlmService, provider: FakeOpenAI
+) -> None:
+    provider.enqueue(Reply(status=401))
+    with pytest.raises(ProviderError) as info:
+        async for _ in llm.stream([{"role": "user", "content": "q"}]):
+            pass
+    assert not isinstance(info.value, ProviderTimeout)
+    assert str(info.value).startswith("AuthenticationError 401"), str(info.value)
+    provider.enqueue(Reply(text="priced words", chunks=2))
+    events = [
+        e async for e in llm.stream([{"role": "user", "content": "q"}], model="openai/gpt-4o-mini")
+    ]
+    (usage,) = [e for e in events if isinstance(e, UsageInfo)]
+    assert usage.completion_tokens and usage.cost_usd is not None and usage.cost_usd > 0
+    assert provider.requests[-1]["model"] == "gpt-4o-mini"
+
+
+@pytest.mark.parametrize(
+    ("event", "part"),
+    [(b'{"error": {"message": "overloaded"}}', "overloaded"), (b"{not json", "")],
+    ids=["error-object", "not-json"],
+)
+async def test_a_bad_stream_event_is_a_provider_error(
+    llm: LlmService, provider: FakeOpenAI, event: bytes, part: str, llm_path: str
+) -> None:
+    """The same error type on both paths; the direct path also keeps the provider's words
+    (LiteLLM's says `APIConnectionError`)."""
+    provider.enqueue(Reply(text="so far", bad_event=event), Reply(text="next"))
+    seen: list[str] = []
+    with pytest.raises(ProviderError) as info:
+        async for e in llm.stream([{"role": "user", "content": "q"}]):
+            if isinstance(e, TextDelta):
+                seen.append(e.text)
+    assert "".join(seen) == "so far" and not isinstance(info.value, ProviderTimeout)
+    if llm_path == "direct":
+        assert part in str(info.value)
+    # The service goes on.
+    events = [e async for e in llm.stream([{"role": "user", "content": "q"}])]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "next"

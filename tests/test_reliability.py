@@ -14,6 +14,9 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedError, Inval
 from cortex.server.handshakes import report_failure
 from cortex.testing.fake_openai import FakeOpenAI, Reply
 
+# Every test runs on the direct stream path and on LiteLLM's (conftest).
+BOTH_LLM_PATHS = True
+
 # The protocol promises hold on either store (docs/scaling.md).
 BOTH_BACKENDS = True
 

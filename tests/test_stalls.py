@@ -22,6 +22,9 @@ from websockets.asyncio.client import connect
 from cortex.app import running
 from cortex.testing.fake_openai import FakeOpenAI, Reply
 
+# Every test runs on the direct stream path and on LiteLLM's (conftest).
+BOTH_LLM_PATHS = True
+
 Runner = Callable[[Coroutine[Any, Any, list[Any]]], list[Any]]
 # Both loops: `cortex serve` runs on uvloop, whose timers run before it polls the sockets.
 LOOPS = pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])

@@ -10,6 +10,9 @@ from conftest import Client, deltas_text
 
 from cortex.testing.fake_openai import FakeOpenAI, Reply
 
+# Every test runs on the direct stream path and on LiteLLM's (conftest).
+BOTH_LLM_PATHS = True
+
 
 async def test_a_burst_on_a_busy_server_goes_out_in_joined_frames(
     client: Client, provider: FakeOpenAI

@@ -17,6 +17,9 @@ TOOLS_MODULE = '''
 import asyncio
 from cortex.tools import tool
 
+# Every test runs on the direct stream path and on LiteLLM's (conftest).
+BOTH_LLM_PATHS = True
+
 # The protocol promises hold on either store (docs/scaling.md).
 BOTH_BACKENDS = True
 

@@ -69,6 +69,21 @@ def merge_tool_call(calls: dict[int, list[str]], fragment: Any) -> None:
             entry[2] += function.arguments
 
 
+def merge_tool_call_dict(calls: dict[int, list[str]], fragment: dict[str, Any]) -> None:
+    """`merge_tool_call` for a fragment decoded from the SSE (a dict, no SDK object)."""
+    index = fragment.get("index")
+    index = len(calls) if index is None else int(index)
+    entry = calls.setdefault(index, ["", "", ""])
+    if fragment.get("id"):
+        entry[0] = fragment["id"]
+    function = fragment.get("function")
+    if function:
+        if function.get("name"):
+            entry[1] = function["name"]
+        if function.get("arguments"):
+            entry[2] += function["arguments"]
+
+
 async def close_stream(response: Any) -> None:
     """Close the provider stream so a cancelled or failed reply frees its connection."""
     for name in ("aclose", "close"):

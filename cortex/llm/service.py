@@ -1,8 +1,11 @@
-"""LlmService: every model call goes through `litellm.acompletion`, streaming or not.
+"""LlmService: model calls, through LiteLLM or, for OpenAI-format streams, the direct path.
 
 `stream()` yields typed events (`TextDelta`, `ToolCalls`, `UsageInfo`, `Finish`); LiteLLM's
-objects and exceptions are turned into Cortex's in `boundary`. The built-in mock model uses
-LiteLLM's own `mock_response`, so it takes the same streaming path as a provider.
+objects and exceptions are turned into Cortex's in `boundary`. A streamed call whose models all
+speak OpenAI's SSE takes the direct path (`direct`: LiteLLM builds the request, Cortex reads the
+stream) unless `CORTEX_LLM_FAST_PATH` is off; the same rules apply around it as LiteLLM applies
+(retries before the first token, fallbacks, one first-response deadline, the stall timer). The
+built-in mock model uses LiteLLM's own `mock_response`, so it takes LiteLLM's streaming path.
 """
 
 from __future__ import annotations
@@ -13,8 +16,23 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 from ..config import MOCK_MODEL, Settings
-from ..errors import CortexError, ProviderTimeout
-from .boundary import bound_chunk_history, close_stream, load_litellm, map_error, merge_tool_call
+from ..errors import CortexError, ProviderError, ProviderTimeout
+from .boundary import (
+    bound_chunk_history,
+    close_stream,
+    load_litellm,
+    map_error,
+    merge_tool_call,
+    merge_tool_call_dict,
+)
+from .direct import (
+    DirectClient,
+    DirectRequest,
+    RetryableStatus,
+    SseDecoder,
+    backoff,
+    build_request,
+)
 from .events import (
     Completion,
     Finish,
@@ -82,9 +100,41 @@ class LlmService:
         settings = settings_from(config)
         self.settings = settings
         self._litellm = load_litellm(remote_cost_map=settings.litellm_remote_cost_map)
+        self._direct = DirectClient(self._litellm)
 
     def default_model(self) -> str:
         return self.settings.model()
+
+    async def aclose(self) -> None:
+        """Close the direct path's pooled connections."""
+        await self._direct.close()
+
+    def path_for(self, model: str | None = None) -> str:
+        """Which path a streamed reply of `model` takes: "direct" or "litellm" (for doctor)."""
+        kwargs = self._kwargs([{"role": "user", "content": "."}], model, None, None, None, None)
+        return "direct" if self._direct_requests(kwargs) else "litellm"
+
+    def _direct_requests(self, kwargs: dict[str, Any]) -> list[DirectRequest] | None:
+        """The direct requests for the model and each fallback, or None when one of them is
+        not an OpenAI-format stream (then LiteLLM does the whole call, fallbacks included)."""
+        if not self.settings.llm_fast_path or "mock_response" in kwargs:
+            return None
+        requests: list[DirectRequest] = []
+        for model in [kwargs["model"], *kwargs.get("fallbacks", ())]:
+            request = build_request(
+                self._litellm,
+                model,
+                kwargs["messages"],
+                api_base=kwargs.get("api_base"),
+                api_key=kwargs.get("api_key"),
+                temperature=kwargs.get("temperature"),
+                max_tokens=kwargs.get("max_tokens"),
+                tools=kwargs.get("tools"),
+            )
+            if request is None:
+                return None
+            requests.append(request)
+        return requests
 
     def _kwargs(
         self,
@@ -121,7 +171,7 @@ class LlmService:
             kwargs["tools"] = list(tools)
         return kwargs
 
-    async def stream(
+    def stream(
         self,
         messages: Messages,
         *,
@@ -133,6 +183,10 @@ class LlmService:
     ) -> AsyncGenerator[StreamEvent, None]:
         """Stream one model turn: text deltas, then tool calls, usage and the finish reason."""
         kwargs = self._kwargs(messages, model, temperature, max_tokens, system_prompt, tools)
+        requests = self._direct_requests(kwargs)
+        return self._stream_direct(requests) if requests else self._stream_litellm(kwargs)
+
+    async def _stream_litellm(self, kwargs: dict[str, Any]) -> AsyncGenerator[StreamEvent, None]:
         kwargs.update(stream=True, stream_options={"include_usage": True})
         model_name = kwargs["model"]
         idle = self.settings.stream_idle_timeout
@@ -140,6 +194,7 @@ class LlmService:
         finish: str | None = None
         usage: Any = None
         response: Any = None
+        silence: SilenceTimer | None = None
         try:
             # One deadline for the provider to start answering, LiteLLM's retries and
             # fallbacks included (each attempt also has it as its own timeout).
@@ -183,6 +238,8 @@ class LlmService:
         except Exception as exc:
             raise map_error(exc) from exc
         finally:
+            if silence is not None:
+                silence.stop()
             if response is not None:
                 await close_stream(response)
         if calls:
@@ -194,6 +251,96 @@ class LlmService:
             )
         if usage is not None:
             yield self._usage(model_name, usage)
+        yield Finish(finish)
+
+    async def _open(self, requests: list[DirectRequest]) -> tuple[Any, DirectRequest]:
+        """The first request to answer: each model in turn (the fallbacks after the model),
+        each retried on the statuses LiteLLM retries, before any token has come."""
+        error: CortexError | None = None
+        for request in requests:
+            for attempt in range(self.settings.num_retries + 1):
+                try:
+                    return await self._direct.open(request), request
+                except RetryableStatus as exc:
+                    error = exc.error
+                    if attempt < self.settings.num_retries:
+                        await backoff(attempt, exc.wait_s)
+                except CortexError as exc:
+                    error = exc
+                    break  # not retried: the next fallback
+        assert error is not None  # requests is never empty
+        raise error
+
+    async def _stream_direct(
+        self, requests: list[DirectRequest]
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """The same turn as `_stream_litellm`, from the provider's SSE decoded once per event."""
+        idle = self.settings.stream_idle_timeout
+        calls: dict[int, list[str]] = {}  # index -> [id, name, arguments]
+        finish: str | None = None
+        usage: dict[str, Any] | None = None
+        response: Any = None
+        silence: SilenceTimer | None = None
+        request = requests[0]
+        try:
+            async with asyncio.timeout(self.settings.llm_timeout) as first:
+                response, request = await self._open(requests)
+            async with asyncio.timeout(None) as stall_scope:
+                silence = SilenceTimer(stall_scope, idle)
+                decoder = SseDecoder()
+                read = response.content.readany
+                while True:
+                    silence.arm()
+                    try:
+                        data = await read()
+                    finally:
+                        silence.disarm()
+                    if not data:
+                        break
+                    for event in decoder.feed(data):
+                        if event.get("usage"):
+                            usage = event["usage"]
+                        choices = event.get("choices")
+                        if not choices:
+                            continue
+                        choice = choices[0]
+                        delta = choice.get("delta")
+                        if delta:
+                            text = delta.get("content")
+                            if text:
+                                yield TextDelta(text)
+                            for call in delta.get("tool_calls") or ():
+                                merge_tool_call_dict(calls, call)
+                        if choice.get("finish_reason"):
+                            finish = choice["finish_reason"]
+                    if decoder.error is not None:
+                        raise decoder.error
+        except TimeoutError as exc:
+            raise ProviderTimeout(
+                "the model did not answer in time"
+                if response is None or first.expired()
+                else f"the model stalled for more than {idle:g} s"
+            ) from exc
+        except CortexError:
+            raise
+        except Exception as exc:  # a cut connection, a line past aiohttp's limit
+            raise ProviderError(f"the provider stream broke off: {type(exc).__name__}") from exc
+        finally:
+            if silence is not None:
+                silence.stop()
+            if response is not None:
+                response.close()  # a no-op once read to the end (the connection is pooled)
+        if calls:
+            yield ToolCalls(
+                tuple(
+                    ToolCall(id=c[0] or f"call_{i}", name=c[1], arguments=c[2] or "{}")
+                    for i, c in sorted(calls.items())
+                )
+            )
+        if usage is not None:
+            yield self._priced(
+                request.model, usage.get("prompt_tokens"), usage.get("completion_tokens")
+            )
         yield Finish(finish)
 
     async def complete(
@@ -230,6 +377,10 @@ class LlmService:
     def _usage(self, model: str, usage: Any) -> UsageInfo:
         prompt = getattr(usage, "prompt_tokens", None)
         completion = getattr(usage, "completion_tokens", None)
+        return self._priced(model, prompt, completion)
+
+    def _priced(self, model: str, prompt: int | None, completion: int | None) -> UsageInfo:
+        """Usage with its cost from `litellm.cost_per_token`."""
         cost: float | None = None
         if prompt is not None and completion is not None:
             try:

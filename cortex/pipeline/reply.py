@@ -20,6 +20,7 @@ from ..fanout.hub import Hub
 from ..llm.events import Finish, LlmBackend, TextDelta, ToolCall, ToolCalls, UsageInfo
 from ..ops.telemetry import ReplyTrace, Telemetry
 from ..protocol import ErrorEvent, Typing
+from .checkpoints import Checkpoints
 from .files import Files
 from .live import ActiveReply, Live, PendingReply
 from .tool_loop import ToolLoop
@@ -83,6 +84,7 @@ class Replies:
         self.live = live
         self.tool_loop = tool_loop
         self.telemetry = telemetry
+        self.checkpoints = Checkpoints(store)  # every reply's checkpoints, batched
 
     def plan(self, conv: Conversation, pending: PendingReply) -> Plan:
         model = pending.model or conv.model or self.llm.default_model()
@@ -245,9 +247,7 @@ class Replies:
                 ):
                     # Checkpoints bound what a crash can lose. They run beside the stream (one
                     # at a time), so a slow database write never becomes a gap in the reply.
-                    active.checkpoint = asyncio.ensure_future(
-                        self.store.update_message(active.message_id, content=active.text())
-                    )
+                    active.checkpoint = self.checkpoints.request(active)
                     next_checkpoint = now + interval
                 if now >= next_yield:
                     # Chunks that arrive in a burst are read without the loop running the

@@ -25,6 +25,7 @@ from .statements import (
     StoreConflict,
     StoreError,
     add_row,
+    checkpoint_rows,
     find_client_msg,
     insert_row,
     new_conversation,
@@ -351,6 +352,12 @@ class Store:
     @timed
     async def update_message(self, message_id: str, **fields: Any) -> None:
         await self._run(lambda session: update_row(session, message_id, fields))
+
+    @timed
+    async def checkpoint_texts(self, texts: list[tuple[str, str]]) -> None:
+        """The text so far of several streaming replies, in one transaction."""
+        if texts:
+            await self._run(lambda session: checkpoint_rows(session, texts))
 
     @timed
     async def finish_message(self, message_id: str, **fields: Any) -> Message | None:

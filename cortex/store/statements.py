@@ -160,6 +160,18 @@ def update_row(session: Session, message_id: str, fields: dict[str, Any]) -> Non
     )
 
 
+def checkpoint_rows(session: Session, texts: list[tuple[str, str]]) -> None:
+    """Several replies' text so far: one statement, executed for each (executemany)."""
+    now = utcnow()
+    core(session).execute(
+        _UPDATE_MESSAGE,
+        [
+            {"message_id": message_id, "content": text, "updated_at": now}
+            for message_id, text in texts
+        ],
+    )
+
+
 def next_unanswered(session: Session, conversation_id: str) -> tuple[Conversation, Message] | None:
     """The oldest work waiting in the conversation: a user message above `answered_seq`, or a
     `queued` regeneration, whichever was stored first."""

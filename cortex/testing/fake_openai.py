@@ -74,6 +74,8 @@ class Reply:
     tool-call-only turn. ``status`` other than 200 answers with an OpenAI error body.
     ``stall_after``/``cut_after``: after that many content chunks, go silent (until ``stop()`` or
     the client leaves) or abort the connection; for a non-streamed request, before any byte.
+    ``bad_event``: streamed as one ``data:`` event after the text, then ``[DONE]`` (a provider's
+    mid-stream error object, or bytes that are not JSON).
     Usage defaults: prompt = request messages' JSON length / 4, completion = chunks sent.
     """
 
@@ -85,6 +87,7 @@ class Reply:
     status: int = 200
     stall_after: int | None = None
     cut_after: int | None = None
+    bad_event: bytes | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
 
@@ -414,6 +417,12 @@ class FakeOpenAI:
         for piece in itertools.islice(pieces, end):
             delta = b'{"content":' + json.dumps(piece).encode() + b"}"
             await send(head + delta + tail_open, pace=True)
+        if reply.bad_event is not None:
+            await send(b"data: " + reply.bad_event + b"\n\n", pace=False)
+            await send(b"data: [DONE]\n\n", pace=False)
+            await flush()
+            await response.write_eof()
+            return response
         if limits:
             await flush()
             if reply.stall_after is not None and reply.stall_after == min(limits):
