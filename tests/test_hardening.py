@@ -323,5 +323,10 @@ async def test_a_connection_drops_the_deltas_below_the_text_it_was_given() -> No
     conn.deliver(delta_frame("c", "other", 0, "untouched"))
     sent = [(f.message_id, f.offset, f.text) for f in conn._queue if isinstance(f, DeltaFrame)]
     assert sent == [("m", 10, "KLM"), ("m", 13, "NO"), ("other", 0, "untouched")]
-    conn.trim_below("m", 0)  # nothing held: nothing to trim
+    # A later subscribe hands the text over from the start: an old floor must not cut it.
+    conn.trim_below("m", 20)
+    conn.trim_below("m", 0)
+    conn.deliver(delta_frame("c", "m", 0, "the whole text again"))
+    last = conn._queue[-1]
+    assert isinstance(last, DeltaFrame) and (last.offset, last.text) == (0, "the whole text again")
     assert conn._floors == {}

@@ -118,6 +118,7 @@ class Reads:
             self.hub.flush(conversation_id)  # joined deltas not yet out land in the buffer
             message_id, text = await self._text_so_far(conversation_id)
             if text:
+                client.trim_below(message_id, 0)  # a floor left by an earlier subscribe is stale
                 client.deliver(delta_frame(conversation_id, message_id, 0, text))
         except BaseException:
             self.hub.unsubscribe(conversation_id, buffer)

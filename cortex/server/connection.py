@@ -108,7 +108,9 @@ class Connection:
     def trim_below(self, message_id: str, offset: int) -> None:
         """The client has the reply's text up to `offset` (a catch-up read it, maybe from the
         process making the reply): later deltas below it are dropped or cut, whenever they
-        arrive, so offsets stay exact with no overlap."""
+        arrive, so offsets stay exact with no overlap. 0 forgets the message's floor (the
+        client is handed the text from the start again)."""
+        self._floors.pop(message_id, None)
         if offset > 0:
             if len(self._floors) >= 64:  # replies that ended before a delta came: forget them
                 del self._floors[next(iter(self._floors))]
