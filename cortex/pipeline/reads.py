@@ -91,6 +91,10 @@ class Reads:
         await self.conversation(owner, conversation_id)
         buffer = CatchUpBuffer()
         self.hub.subscribe(conversation_id, buffer)  # before anything is read
+        # A client a `send` already subscribed takes its live events through the buffer too
+        # until the catch-up is out: otherwise they could overtake the catch-up's text.
+        was_subscribed = self.hub.is_subscribed(conversation_id, client)
+        self.hub.unsubscribe(conversation_id, client)
         try:
             await self.hub.watch(conversation_id)
             if after_seq is not None:
@@ -122,6 +126,8 @@ class Reads:
                 client.deliver(delta_frame(conversation_id, message_id, 0, text))
         except BaseException:
             self.hub.unsubscribe(conversation_id, buffer)
+            if was_subscribed:
+                self.hub.subscribe(conversation_id, client)
             raise
         # From here on no await: the buffer hands over to the client in one step.
         self.hub.unsubscribe(conversation_id, buffer)
