@@ -203,14 +203,14 @@ async def test_the_migration_indexes_existing_rows_and_downgrades(
     store = Store(engine)
     try:
         conv = await say(store, "alice", "an old message about quinces")
-        started = await store.start_reply(conv, default_model="m")
-        assert started is not None
-        await store.update_message(started.row.id, content="an unfinished quince reply")
+        # A reply still streaming (stored as the workers store one: `streaming`, then text).
+        reply = await store.add_message(conversation_id=conv, role="assistant", status="streaming")
+        await store.update_message(reply.id, content="an unfinished quince reply")
         await store.add_message(conversation_id=conv, role="tool", content="quince tool output")
         await asyncio.to_thread(migrate, database_url)  # 0006 indexes what is there
         hits = await find(store, "alice", "quince*")
         assert sorted((h.kind, h.role) for h in hits) == [("message", "user"), ("title", None)]
-        await store.finish_message(started.row.id, status="interrupted")
+        await store.finish_message(reply.id, status="interrupted")
         assert len(await find(store, "alice", "quince*")) == 3  # final now: indexed
         await asyncio.to_thread(downgrade, database_url, "0005")
         tables = await store.run(lambda session: sa_inspect(session.connection()).get_table_names())

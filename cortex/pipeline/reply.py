@@ -201,7 +201,7 @@ class Replies:
         """The context in OpenAI's format, user messages with attachments as content parts
         (images come scaled from `Files.for_model`; their base64, megabytes, is made in a
         thread rather than on the loop)."""
-        ids = [row.id for row in context if row.role == "user" and row.id is not None]
+        ids = [row.id for row in context if row.has_files and row.id is not None]
         found = await self.files.for_model(ids) if self.files is not None and ids else {}
         if not found:
             return openai_messages(context)

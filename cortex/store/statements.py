@@ -31,6 +31,7 @@ class ContextMessage(NamedTuple):
     tool_calls: list[dict[str, Any]] | None
     tool_call_id: str | None
     id: str | None = None  # the row's id: its attachments are found by it
+    has_files: bool = False  # it carries attachments
 
 
 _conversations = cast(Table, Conversation.__table__)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Table, bindparam, select, text, update
+from sqlalchemy import Boolean, Table, bindparam, column, select, text, update
 from sqlalchemy.orm import Session
 
 from .models import Conversation, Message
@@ -38,7 +38,9 @@ WITH RECURSIVE path(id, parent_id, active_child_id, seq, depth) AS (
 """
 _PATH = text(_UP + "SELECT id, active_child_id, seq FROM path ORDER BY depth DESC")
 _PATH_CONTEXT = text(
-    _UP + "SELECT m.role, m.content, m.tool_calls, m.tool_call_id, m.status, m.id "
+    _UP + "SELECT m.role, m.content, m.tool_calls, m.tool_call_id, m.status, m.id, "
+    # Whether the message carries files: a turn with none skips the attachments lookup.
+    "EXISTS (SELECT 1 FROM message_attachments ma WHERE ma.message_id = m.id) AS has_files "
     "FROM path JOIN messages m ON m.id = path.id ORDER BY path.depth DESC"
 ).columns(
     _messages.c.role,
@@ -47,6 +49,7 @@ _PATH_CONTEXT = text(
     _messages.c.tool_call_id,
     _messages.c.status,
     _messages.c.id,
+    column("has_files", Boolean),
 )
 _DOWN = text(
     f"""
@@ -107,8 +110,8 @@ def path_context(session: Session, conversation_id: str, leaf_id: str) -> list[C
     """What the model sees when it answers at `leaf_id`: the path to it, root first."""
     rows = core(session).execute(_PATH_CONTEXT, {"leaf": leaf_id, "target": conversation_id})
     return [
-        ContextMessage(role, content, tool_calls, tool_call_id, message_id)
-        for role, content, tool_calls, tool_call_id, status, message_id in rows
+        ContextMessage(role, content, tool_calls, tool_call_id, message_id, bool(has_files))
+        for role, content, tool_calls, tool_call_id, status, message_id, has_files in rows
         if status in CONTEXT_STATUSES or role == "tool"
     ]
 
