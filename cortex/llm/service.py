@@ -6,6 +6,9 @@ speak OpenAI's SSE takes the direct path (`direct`: LiteLLM builds the request, 
 stream) unless `CORTEX_LLM_FAST_PATH` is off; the same rules apply around it as LiteLLM applies
 (retries before the first token, fallbacks, one first-response deadline, the stall timer). The
 built-in mock model uses LiteLLM's own `mock_response`, so it takes LiteLLM's streaming path.
+
+Past 400 lines because the retry, fallback and deadline rules are one job on both paths: kept
+in one module, the two paths cannot drift apart (tests run the LLM suites on each).
 """
 
 from __future__ import annotations

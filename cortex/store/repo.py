@@ -3,7 +3,9 @@
 Each `Store` method is one transaction: a plain function of a `Session`, handed to
 `Transactions`, which runs it in a thread (SQLite) or over asyncpg (PostgreSQL). The module is
 past 400 lines on purpose: it is one job (the transactions), each short, and several span
-conversations, messages and the reply queue at once, so splitting it by table would split them.
+conversations, messages, the tree and the reply queue at once (an edit stores a message, moves
+the active path and cancels waiting turns in one), so splitting it by table would split them.
+The statements they share live in `statements`, `tree` and `attachments`.
 """
 
 from __future__ import annotations

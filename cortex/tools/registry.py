@@ -8,6 +8,9 @@ There is no import-time global registry: `@tool` only marks a function, and a `T
 at start-up (`build_registry()`) imports the operator's modules and collects the marked functions.
 `ToolRegistry.run()` never raises for anything the model or the tool did wrong: it returns a failed
 `ToolResult` whose message the model can read and recover from.
+
+Past 400 lines because Python and MCP tools share it: one registry decides what the model is
+offered (selection, per-user lists, the 128-tool cap) and runs whichever kind it is asked for.
 """
 
 from __future__ import annotations
