@@ -56,11 +56,14 @@ class Cortex:
         self.hub: Hub
         leases: RedisLeases | None = None
         if settings.redis_url is not None:
-            redis_hub = RedisHub(settings.redis_url.get_secret_value())
+            redis_hub = RedisHub(
+                settings.redis_url.get_secret_value(),
+                delta_interval_s=settings.delta_interval_ms / 1000,
+            )
             leases = RedisLeases(redis_hub.redis, ttl=settings.reply_lease_s)
             self.hub = redis_hub
         else:
-            self.hub = Hub()
+            self.hub = Hub(delta_interval_s=settings.delta_interval_ms / 1000)
         self.llm = llm or LlmService(settings)
         mcp_configs = load_mcp_configs(settings)
         self.tools: ToolRegistry = build_registry(

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     max_reply_chars: int = Field(default=200_000, ge=1000)  # a reply stops there (too_large)
     max_frame_bytes: int = Field(default=1_048_576, ge=1024)
     checkpoint_ms: int = Field(default=500, ge=10)
+    # A reply's deltas go out at most this often (the words in between are joined into the next
+    # frame, at exact offsets): each frame costs every subscriber a socket write.
+    delta_interval_ms: int = Field(default=50, ge=0, le=1000)
     history_page_max: int = Field(default=200, ge=1)
     send_queue_max: int = Field(default=1024, ge=8)
     send_buffer_bytes: int = Field(default=8 * 1_048_576, ge=65_536)

@@ -19,9 +19,10 @@ BOTH_BACKENDS = True
 async def test_reply_streams_to_sender_and_is_stored(
     client: Client, provider: FakeOpenAI, http: Any
 ) -> None:
-    # Paced chunks: a writer that keeps up sends one delta per chunk (a lagging one merges them).
+    # Chunks further apart than CORTEX_DELTA_INTERVAL_MS (50): a writer that keeps up sends
+    # one delta per chunk (a lagging one merges them).
     provider.enqueue(
-        Reply(text="The quick brown fox jumps over the lazy dog.", chunks=9, chunk_delay=0.01)
+        Reply(text="The quick brown fox jumps over the lazy dog.", chunks=9, chunk_delay=0.06)
     )
     await client.send(type="send", content="Tell me about foxes", request_id="a1")
     ack = await client.until_type("ack")
@@ -42,6 +43,24 @@ async def test_reply_streams_to_sender_and_is_stored(
         ("user", "Tell me about foxes"),
         ("assistant", text),
     ]
+
+
+async def test_chunks_closer_than_the_delta_interval_are_joined_at_exact_offsets(
+    client: Client, provider: FakeOpenAI
+) -> None:
+    """20 chunks 5 ms apart: the first goes out at once, the rest at most every 50 ms
+    (CORTEX_DELTA_INTERVAL_MS), joined, with offsets that still continue the text."""
+    text = " ".join(f"w{i}" for i in range(20))
+    provider.enqueue(Reply(text=text, chunks=20, chunk_delay=0.005))
+    await client.send(type="send", content="go")
+    events = await client.until_reply()
+    deltas = [e for e in events if e["type"] == "delta"]
+    assert 2 <= len(deltas) <= 6, [d["text"] for d in deltas]
+    offset = 0
+    for delta in deltas:
+        assert delta["offset"] == offset
+        offset += len(delta["text"])
+    assert deltas_text(events) == text == final_message(events)["content"]
 
 
 def _shape(events: list[dict[str, Any]]) -> list[str]:

@@ -317,6 +317,7 @@ async def test_a_connection_drops_the_deltas_below_the_text_it_was_given() -> No
     conn.closing, conn._floors, conn._drained = False, {}, None
     conn._queue, conn._queued_chars, conn._wakeup = collections.deque(), 0, asyncio.Event()
     conn._max_frames, conn._max_chars = 100, 1_000_000
+    conn._writing = True  # frames queue behind a write in progress: the queue shows them
     conn.trim_below("m", 10)
     for offset, text in [(0, "abcd"), (4, "efghij"), (8, "ijKLM"), (13, "NO")]:
         conn.deliver(delta_frame("c", "m", offset, text))
@@ -330,3 +331,56 @@ async def test_a_connection_drops_the_deltas_below_the_text_it_was_given() -> No
     last = conn._queue[-1]
     assert isinstance(last, DeltaFrame) and (last.offset, last.text) == (0, "the whole text again")
     assert conn._floors == {}
+
+
+async def test_a_reply_that_ends_during_a_catch_up_still_gets_its_text_as_deltas(
+    store: Any, tmp_path: Path
+) -> None:
+    """The catch-up reads a reply as streaming, then the reply is stored whole before its text
+    so far is read: the client is still handed that text as a delta, so the deltas it holds
+    build the final `message` (bench/soak.py's 500-client finding)."""
+    from conftest import make_settings
+
+    from cortex.fanout.hub import Hub
+    from cortex.pipeline.live import Live
+    from cortex.pipeline.reads import Reads
+    from cortex.pipeline.views import message_event
+
+    stored = await store.add_user_message(
+        owner="u", conversation_id=None, content="hi", client_msg_id=None
+    )
+    conv_id = stored.conversation.id
+    started = await store.start_reply(conv_id, default_model="mock")
+    row_id = started.row.id
+    hub = Hub()
+
+    class EndsMeanwhile(Reads):
+        async def _text_so_far(self, conversation_id: str) -> tuple[str, str]:
+            row = await store.finish_message(row_id, content="the whole reply", status="complete")
+            hub.publish(conversation_id, message_event(row))
+            return "", ""
+
+    class Frames:
+        def __init__(self) -> None:
+            self.events: list[dict[str, Any]] = []
+            self.floors: dict[str, int] = {}
+
+        def deliver(self, frame: str) -> None:
+            event = json.loads(frame)
+            floor = self.floors.get(event.get("message_id", ""), 0)
+            if event["type"] != "delta" or event["offset"] + len(event["text"]) > floor:
+                self.events.append(event)
+
+        async def room(self) -> None:
+            return None
+
+        def trim_below(self, message_id: str, offset: int) -> None:
+            self.floors[message_id] = offset
+
+    reads = EndsMeanwhile(settings=make_settings(tmp_path), store=store, hub=hub, live=Live())
+    client = Frames()
+    await reads.subscribe("u", conv_id, 0, client)
+    kinds = [(e["type"], e.get("message", {}).get("status")) for e in client.events]
+    assert kinds[-3:] == [("delta", None), ("message", "complete"), ("ack", None)]
+    built = "".join(e["text"] for e in client.events if e["type"] == "delta")
+    assert built == client.events[-2]["message"]["content"] == "the whole reply"

@@ -52,13 +52,16 @@ class _PendingDelta:
 class Hub:
     """In-process fan-out; `RedisHub` extends it across processes (docs/scaling.md).
 
-    A conversation with many subscribers gets delta frames no more often than its fan-out can
-    afford (`FLUSH_US_PER_SUBSCRIBER`): deltas published before the next frame is due are
-    joined into it (offsets stay exact), so a burst of chunks costs each subscriber one frame,
-    not one per chunk. Any other event of the conversation sends them first, so order holds.
+    A conversation gets delta frames no more often than `delta_interval_s`
+    (CORTEX_DELTA_INTERVAL_MS), or than its fan-out can afford (`FLUSH_US_PER_SUBSCRIBER`) when
+    that is longer: deltas published before the next frame is due are joined into it (offsets
+    stay exact), so a burst of chunks costs each subscriber one frame, not one per chunk. Any
+    other event of the conversation sends them first, so order holds.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, delta_interval_s: float = 0.0) -> None:
+        # The least time between two delta frames of a conversation, whatever its subscribers.
+        self.delta_interval_s = delta_interval_s
         self._subs: dict[str, dict[Subscriber, None]] = {}  # insertion-ordered sets
         self._by_sub: dict[Subscriber, set[str]] = {}
         self._deltas: dict[str, _PendingDelta] = {}
@@ -110,8 +113,8 @@ class Hub:
         loop = asyncio.get_running_loop()
         now = loop.time()
         subscribers = len(self._subs.get(conversation_id, ()))
-        due = self._flushed_at.get(conversation_id, 0.0) + min(
-            FLUSH_MAX_S, subscribers * FLUSH_US_PER_SUBSCRIBER / 1e6
+        due = self._flushed_at.get(conversation_id, 0.0) + max(
+            self.delta_interval_s, min(FLUSH_MAX_S, subscribers * FLUSH_US_PER_SUBSCRIBER / 1e6)
         )
         if now >= due:
             # Out at once: the stream loop may not yield for a while (a burst of chunks), and

@@ -48,8 +48,8 @@ Command = tuple[str, ...]
 class RedisHub(Hub):
     """A `Hub` whose events also reach (and come from) every other Cortex process."""
 
-    def __init__(self, url: str) -> None:
-        super().__init__()
+    def __init__(self, url: str, *, delta_interval_s: float = 0.0) -> None:
+        super().__init__(delta_interval_s=delta_interval_s)
         self.origin = os.urandom(6).hex()  # tells this process's own events apart
         self._redis: Redis = Redis.from_url(url, decode_responses=True)
         self._outbox: deque[Command] = deque(maxlen=OUTBOX_MAX)

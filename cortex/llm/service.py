@@ -104,6 +104,9 @@ class LlmService:
         self.settings = settings
         self._litellm = load_litellm(remote_cost_map=settings.litellm_remote_cost_map)
         self._direct = DirectClient(self._litellm)
+        # Models LiteLLM has no price for (local and self-hosted ones): asked once, since an
+        # unpriced lookup costs the loop about a millisecond a reply.
+        self._unpriced: set[str] = set()
 
     def default_model(self) -> str:
         return self.settings.model()
@@ -385,14 +388,15 @@ class LlmService:
     def _priced(self, model: str, prompt: int | None, completion: int | None) -> UsageInfo:
         """Usage with its cost from `litellm.cost_per_token`."""
         cost: float | None = None
-        if prompt is not None and completion is not None:
+        if prompt is not None and completion is not None and model not in self._unpriced:
             try:
                 prompt_cost, completion_cost = self._litellm.cost_per_token(
                     model=model, prompt_tokens=prompt, completion_tokens=completion
                 )
                 cost = float(prompt_cost + completion_cost)
             except Exception:  # an unpriced model (local, fake, mock) has no cost
-                cost = None
+                if len(self._unpriced) < 1024:
+                    self._unpriced.add(model)
         return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost)
 
     def trim(self, messages: list[dict[str, Any]], model: str | None) -> list[dict[str, Any]]:

@@ -95,6 +95,7 @@ class Reads:
         # until the catch-up is out: otherwise they could overtake the catch-up's text.
         was_subscribed = self.hub.is_subscribed(conversation_id, client)
         self.hub.unsubscribe(conversation_id, client)
+        streamed: list[str] = []  # rows the catch-up shows as streaming
         try:
             await self.hub.watch(conversation_id)
             if after_seq is not None:
@@ -108,6 +109,8 @@ class Reads:
                     files = await self.attachments_of(rows)
                     for row in rows:
                         streaming = row.status == "streaming"
+                        if streaming:
+                            streamed.append(row.id)
                         await client.room()  # long messages go out as the client reads them
                         client.deliver(
                             message_event(
@@ -121,9 +124,17 @@ class Reads:
                 client.deliver(Typing(conversation_id=conversation_id, active=True).encode())
             self.hub.flush(conversation_id)  # joined deltas not yet out land in the buffer
             message_id, text = await self._text_so_far(conversation_id)
-            if text:
-                client.trim_below(message_id, 0)  # a floor left by an earlier subscribe is stale
-                client.deliver(delta_frame(conversation_id, message_id, 0, text))
+            texts = {message_id: text} if text else {}
+            ended = [id_ for id_ in streamed if id_ != message_id]
+            if ended:
+                # Shown as streaming, but the reply ended since it was read: its text so far is
+                # its whole text (its final `message` waits in the buffer).
+                rows, _ = await self.store.messages_by_ids(conversation_id, ended)
+                texts |= {row.id: row.content for row in rows if row.status != "streaming"}
+            for id_, so_far in texts.items():
+                if so_far:
+                    client.trim_below(id_, 0)  # a floor left by an earlier subscribe is stale
+                    client.deliver(delta_frame(conversation_id, id_, 0, so_far))
         except BaseException:
             self.hub.unsubscribe(conversation_id, buffer)
             if was_subscribed:
@@ -134,7 +145,8 @@ class Reads:
         self.hub.subscribe(conversation_id, client)
         # The text so far may come from Redis ahead of its deltas' PUBLISH (another process
         # makes the reply): the client drops what it has, buffered now or arriving later.
-        client.trim_below(message_id, len(text))
+        for id_, so_far in texts.items():
+            client.trim_below(id_, len(so_far))
         buffer.replay(client)
         # The ack closes the catch-up: everything after it is live.
         client.deliver(Ack(conversation_id=conversation_id, request_id=request_id).encode())

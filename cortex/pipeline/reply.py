@@ -39,6 +39,9 @@ STREAM_SLICE_S = 0.01
 # for at most this long: every reply gets a turn (and every socket a read) within about a second,
 # well inside a stall timeout (bench/soak.py).
 STREAM_ROUND_S = 1.0
+# A chunk that took longer than this to come was waited for (the loop ran meanwhile), not read
+# from a burst already buffered.
+STREAM_WAITED_S = 0.001
 
 
 @dataclass(slots=True)
@@ -221,7 +224,8 @@ class Replies:
     ) -> None:
         interval = self.settings.checkpoint_ms / 1000
         next_checkpoint = time.monotonic() + interval
-        next_yield = 0.0
+        next_yield = time.monotonic() + STREAM_SLICE_S
+        read_at = 0.0  # when the previous chunk was handled
         publish = self.hub.publish_delta
         limit = self.settings.max_reply_chars
         async for event in self.llm.stream(
@@ -242,6 +246,11 @@ class Replies:
                 active.parts.append(text)
                 active.length += len(text)
                 now = time.monotonic()
+                if now - read_at > STREAM_WAITED_S:
+                    # This chunk was waited for: the loop ran the others meanwhile, and a
+                    # new slice of reading starts.
+                    next_yield = now + STREAM_SLICE_S
+                read_at = now
                 if now >= next_checkpoint and (
                     active.checkpoint is None or active.checkpoint.done()
                 ):
@@ -250,13 +259,14 @@ class Replies:
                     active.checkpoint = self.checkpoints.request(active)
                     next_checkpoint = now + interval
                 if now >= next_yield:
-                    # Chunks that arrive in a burst are read without the loop running the
-                    # socket writers: give them a turn at the first delta, then after each
-                    # slice of reading (timed from when the turn comes back, so a busy loop
-                    # still joins a burst into few frames).
+                    # Chunks that arrive in a burst are read without the loop running anything
+                    # else: give the others a turn after each slice of reading (timed from
+                    # when the turn comes back, so a busy loop still joins a burst into few
+                    # frames).
                     await asyncio.sleep(0)
                     replies = len(self.live.active) or 1
-                    next_yield = time.monotonic() + min(STREAM_SLICE_S, STREAM_ROUND_S / replies)
+                    read_at = time.monotonic()
+                    next_yield = read_at + min(STREAM_SLICE_S, STREAM_ROUND_S / replies)
             elif isinstance(event, ToolCalls):
                 result.calls = event.calls
             elif isinstance(event, UsageInfo):

@@ -1,7 +1,8 @@
 """The WebSocket side: one `Connection` per client, frames in, encoded events out.
 
-Each connection has a bounded outbound queue drained by its own writer task; the hub and the
-router only ever `deliver()` to it, which never blocks. A client that stops reading fills its
+The hub and the router only ever `deliver()` to a connection, which never blocks: a frame is
+written at once when nothing waits before it and the socket takes it, else it joins a bounded
+queue drained by the connection's writer task. A client that stops reading fills its
 queue and is closed with 1013, so it cannot slow anyone else or grow memory without bound.
 """
 
@@ -16,6 +17,7 @@ from collections import deque
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
+from websockets.protocol import State
 
 from ..config import Settings
 from ..errors import BadFrame, CortexError, Internal, ProtocolError, RateLimited
@@ -81,6 +83,8 @@ class Connection:
         self.opened = time.monotonic()
         self.frames_in = 0
         self.frames_out = 0
+        self._writing = False  # the writer task is inside ws.send()
+        self._count = metrics.frame_out  # a dict increment per frame, no lock
 
     def deliver(self, frame: str) -> None:
         if self.closing:
@@ -99,11 +103,35 @@ class Connection:
             # The client does not read what it is sent: drop it rather than buffer forever.
             self.close(CloseCode.TRY_AGAIN_LATER, "slow reader: too many unsent events")
             return
+        if not queue and not self._writing and self._write_now(frame):
+            return
         queue.append(frame)
         self._queued_chars += len(frame)
         self._wakeup.set()
         if self._drained is not None and self._queued_chars > self._max_chars // 2:
             self._drained.clear()
+
+    def _write_now(self, frame: str) -> bool:
+        """Write the frame to the socket at once when nothing waits before it and the socket
+        takes it without waiting (False: queue it for the writer task).
+
+        This is what `ws.send()` does when it need not wait, through websockets' Sans-I/O
+        protocol, without a task switch and an async context per frame: the per-frame cost
+        of a streaming reply (bench/capacity.py).
+        """
+        ws = self.ws
+        if ws.protocol.state is not State.OPEN or ws.paused or ws.send_in_progress is not None:
+            return False
+        try:
+            ws.protocol.send_text(frame.encode())
+            ws.send_data()
+        except Exception:  # the socket is gone: websockets sees it close, the reader ends
+            log.debug("direct write failed (connection %s)", self.id, exc_info=True)
+            self.close(CloseCode.INTERNAL_ERROR, "write failed")
+            return True
+        self.frames_out += 1
+        self._count(frame)
+        return True
 
     def trim_below(self, message_id: str, offset: int) -> None:
         """The client has the reply's text up to `offset` (a catch-up read it, maybe from the
@@ -164,7 +192,11 @@ class Connection:
                 if queue and type(frame) is DeltaFrame:
                     frame, taken = take_merged_delta(frame, queue)
                     self._queued_chars -= taken
-                await ws.send(frame)
+                self._writing = True
+                try:
+                    await ws.send(frame)
+                finally:
+                    self._writing = False
                 self.frames_out += 1
                 count(frame)
         except ConnectionClosed:
