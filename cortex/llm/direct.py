@@ -90,16 +90,55 @@ def build_request(
         return None
 
 
-def _build(
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """What LiteLLM decides about a model's requests before it sees their messages."""
+
+    name: str
+    provider: str
+    config: Any  # the provider's OpenAIGPTConfig
+    base: str | None
+    key: str | None
+    optional: dict[str, Any]
+    extra_body: dict[str, Any]
+    url: str
+
+
+# A reply asks LiteLLM for its route once per model and options, not on every request:
+# resolving it costs the event loop about a millisecond a reply.
+_ROUTES: dict[tuple[Any, ...], _Route | None] = {}
+_ROUTES_MAX = 256
+
+
+def _route(
     litellm: ModuleType,
     model: str,
-    messages: list[dict[str, Any]],
     api_base: str | None,
     api_key: str | None,
     temperature: float | None,
     max_tokens: int | None,
     tools: Sequence[dict[str, Any]] | None,
-) -> DirectRequest | None:
+) -> _Route | None:
+    listed = orjson.dumps(list(tools), option=orjson.OPT_SORT_KEYS) if tools else None
+    key = (id(litellm), model, api_base, api_key, temperature, max_tokens, listed)
+    if key in _ROUTES:
+        return _ROUTES[key]
+    route = _resolve(litellm, model, api_base, api_key, temperature, max_tokens, tools)
+    if len(_ROUTES) >= _ROUTES_MAX:
+        del _ROUTES[next(iter(_ROUTES))]
+    _ROUTES[key] = route
+    return route
+
+
+def _resolve(
+    litellm: ModuleType,
+    model: str,
+    api_base: str | None,
+    api_key: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    tools: Sequence[dict[str, Any]] | None,
+) -> _Route | None:
     name, provider, dynamic_key, dynamic_base = litellm.get_llm_provider(
         model=model, api_base=api_base, api_key=api_key
     )
@@ -127,11 +166,36 @@ def _build(
         stream=True,
         stream_options={"include_usage": True},
         drop_params=True,
-        messages=messages,
     )
     extra_body = optional.pop("extra_body", None) or {}
-    litellm_params = {"custom_llm_provider": provider, "api_base": base, "api_key": key}
-    headers = config.validate_environment(
+    url = config.get_complete_url(
+        api_base=base,
+        api_key=key,
+        model=name,
+        optional_params=optional,
+        litellm_params={"custom_llm_provider": provider, "api_base": base, "api_key": key},
+        stream=True,
+    )
+    return _Route(name, provider, config, base, key, optional, extra_body, url)
+
+
+def _build(
+    litellm: ModuleType,
+    model: str,
+    messages: list[dict[str, Any]],
+    api_base: str | None,
+    api_key: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    tools: Sequence[dict[str, Any]] | None,
+) -> DirectRequest | None:
+    route = _route(litellm, model, api_base, api_key, temperature, max_tokens, tools)
+    if route is None:
+        return None
+    name, base, key = route.name, route.base, route.key
+    optional = dict(route.optional)
+    litellm_params = {"custom_llm_provider": route.provider, "api_base": base, "api_key": key}
+    headers = route.config.validate_environment(
         headers={},
         model=name,
         messages=messages,
@@ -140,26 +204,18 @@ def _build(
         api_key=key,
         api_base=base,
     )
-    url = config.get_complete_url(
-        api_base=base,
-        api_key=key,
-        model=name,
-        optional_params=optional,
-        litellm_params=litellm_params,
-        stream=True,
-    )
-    body = config.transform_request(
+    body = route.config.transform_request(
         model=name,
         messages=messages,
         optional_params=optional,
         litellm_params=litellm_params,
         headers=headers,
     )
-    body.update(extra_body)
+    body.update(route.extra_body)
     headers = {str(k): str(v) for k, v in headers.items()}
     headers.setdefault("Content-Type", "application/json")
     headers["Accept"] = "text/event-stream"
-    return DirectRequest(url, headers, orjson.dumps(body), provider, model)
+    return DirectRequest(route.url, headers, orjson.dumps(body), route.provider, model)
 
 
 class DirectClient:
