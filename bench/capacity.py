@@ -18,6 +18,11 @@ upward until one fails; then (--refine) one step halfway between the last pass a
 Printed per step: p50/p99/max gap, first-delta latency, the server's CPU use (1.0 = one core
 busy), PostgreSQL's (all its processes) on that database, its RSS, and the largest passing C.
 
+The floor, in the same run: the same C streams through `bench/_relay.py`, a bare relay (aiohttp
+reads the SSE, orjson decodes it, websockets writes the frames at Cortex's delta interval; no
+database, logs or metrics), on the same clients (--no-relay skips it). Cortex's CPU against it
+is the ratio printed.
+
 For comparison, the same C streams through `litellm.acompletion` alone in one client
 process (no Cortex, no WebSocket, no database): what LiteLLM's own per-chunk cost allows on
 this machine, i.e. the floor Cortex sits on (--no-litellm skips it).
@@ -153,6 +158,7 @@ async def cortex_step(
     tokens: int,
     spy: Profiler | None,
     postmaster: int | None = None,
+    path: str = "cortex",
 ) -> Step:
     opened = await swarm.split(
         "connect",
@@ -165,7 +171,7 @@ async def cortex_step(
     )
     if sum(o["opened"] for o in opened) != concurrency:
         raise RuntimeError(f"could not open {concurrency} connections: {opened}")
-    metrics0 = await scrape(server.url)
+    metrics0 = await scrape(server.url) if path == "cortex" else {}
     start_at = time.monotonic() + 0.5
     cpu0 = proc_cpu_seconds(server.pid)
     db_cpu0 = tree_cpu_seconds(postmaster) if postmaster else float("nan")
@@ -184,9 +190,9 @@ async def cortex_step(
     cpu = proc_cpu_seconds(server.pid) - cpu0
     db_cpu = tree_cpu_seconds(postmaster) - db_cpu0 if postmaster else float("nan")
     rss = proc_status(server.pid).get("VmRSS", 0)
-    db = db_latency(metrics0, await scrape(server.url))
+    db = db_latency(metrics0, await scrape(server.url)) if path == "cortex" else {}
     await swarm.each("close", TIMEOUT, timeout=10.0)
-    return summarize("cortex", concurrency, tokens, results, end - start_at, cpu, rss, db, db_cpu)
+    return summarize(path, concurrency, tokens, results, end - start_at, cpu, rss, db, db_cpu)
 
 
 async def litellm_step(swarm: Swarm, api_base: str, concurrency: int, tokens: int) -> Step:
@@ -270,6 +276,15 @@ async def measure_on(
                 },
             )
             started.append(server)
+            relay = None
+            if not args.no_relay:
+                interval = server_settings(args.set).get("CORTEX_DELTA_INTERVAL_MS", "50")
+                relay = await start_fake_provider(
+                    [str(REPO / "bench" / "_relay.py"), fake.url, "--interval-ms", interval],
+                    workdir,
+                    name="relay",
+                )
+                started.append(relay)
             swarm = await Swarm.start(args.workers, workdir)
             foreign = ForeignLoad()
             ours0 = time.process_time() + sum(
@@ -280,6 +295,7 @@ async def measure_on(
             idle_rss = proc_status(server.pid).get("VmRSS", 0)
             cortex: list[Step] = []
             litellm: list[Step] = []
+            floor: list[Step] = []
             profile: list[str] = []
             try:
                 # Warm-up, not counted: first-call costs of LiteLLM and of the server.
@@ -296,6 +312,15 @@ async def measure_on(
                         profile = [f"at C={concurrency}:", *spy.top(args.profile_lines)]
                     await asyncio.sleep(1.0)
                     concurrency = next_step(args.steps, cortex, args.refine)
+                if relay is not None:
+                    await cortex_step(swarm, relay, 5, args.tokens, None, path="relay")
+                    for step in cortex:
+                        floor.append(
+                            await cortex_step(
+                                swarm, relay, step.concurrency, args.tokens, None, path="relay"
+                            )
+                        )
+                        await asyncio.sleep(1.0)
                 if not args.no_litellm:
                     await litellm_step(swarm, fake.url, 5, args.tokens)  # its import, warm-up
                     for step in cortex:
@@ -326,6 +351,7 @@ async def measure_on(
         "other_processes_cpu_fraction": round(other_cpu, 3),
         "cortex": [asdict(s) for s in cortex],
         "litellm": [asdict(s) for s in litellm],
+        "relay": [asdict(s) for s in floor],
         "profile": profile,
         "server": {
             "idle_rss_kib": idle_rss,
@@ -358,6 +384,10 @@ def targets(report: dict[str, Any]) -> str:
             f"({'meets' if ok else 'misses'} <= {CPU_AT_200_TARGET} of a core with p99 < "
             f"{LIMIT_MS:g} ms)"
         )
+    relay = {s["concurrency"]: s for s in report.get("relay", ())}
+    for c in sorted(set(relay) & set(steps)):
+        ratio = steps[c]["cpu_share"] / relay[c]["cpu_share"]
+        parts.append(f"CPU at {c} against the bare relay: {ratio:.2f}x")
     return "targets: " + ("; ".join(parts) if parts else "run steps 60 and 200 to see them")
 
 
@@ -380,8 +410,8 @@ def render(report: dict[str, Any]) -> str:
         f"{'':>4}",
     ]
     best: dict[str, int] = {}
-    for path in ("cortex", "litellm"):
-        steps = sorted((Step(**s) for s in report[path]), key=lambda s: s.concurrency)
+    for path in ("cortex", "relay", "litellm"):
+        steps = sorted((Step(**s) for s in report.get(path, ())), key=lambda s: s.concurrency)
         for s in steps:
             out.append(
                 f"{path:<8} {s.concurrency:>5} {s.completed:>5} {s.gap_p50_ms:>8.1f} "
@@ -407,6 +437,7 @@ def render(report: dict[str, Any]) -> str:
     out.append("")
     out.append(
         f"largest passing concurrency: cortex {best['cortex']}"
+        + (f", the bare relay {best['relay']}" if report.get("relay") else "")
         + (f", litellm alone {best['litellm']}" if report["litellm"] else "")
         + " (of the concurrencies tried)"
     )
@@ -427,7 +458,8 @@ def render(report: dict[str, Any]) -> str:
         "gap: time between consecutive delta frames (chunks, for litellm) of one stream, as the",
         "client saw them; 1st: send to first delta; frames: per stream (fewer than chunks when",
         "the server merged deltas of a lagging writer); tok/s: chunks / (last - first delta);",
-        "CPU: the process doing the work (cortex server / the litellm client), 1.0 = one core;",
+        "CPU: the process doing the work (cortex server / the bare relay, bench/_relay.py /",
+        "the litellm client), 1.0 = one core;",
         "postgres CPU: the PostgreSQL cluster's processes over the same step, 1.0 = one core.",
     ]
     return "\n".join(out)
@@ -445,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         "--refine", type=int, default=1, help="halving steps after the first failure"
     )
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM alone")
+    parser.add_argument(
+        "--no-relay", action="store_true", help="skip the bare relay (bench/_relay.py)"
+    )
     parser.add_argument(
         "--database",
         choices=["sqlite", "postgres"],
