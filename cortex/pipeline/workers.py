@@ -119,44 +119,52 @@ class Workers:
             # The previous holder died mid-reply: what it streamed is kept as `interrupted`.
             for row in await self.store.settle_streaming(conversation_id):
                 self.hub.publish(conversation_id, message_event(row))
-        while lease is None or not lease.lost:
-            if self.closing and conversation_id not in self._owed:
-                return  # what waits stays stored and acknowledged: the next process answers it
-            self._dirty.discard(conversation_id)
-            async with self.live.lock(conversation_id):
-                started = await self.store.start_reply(
-                    conversation_id, default_model=self.default_model()
-                )
-                if started is not None:
-                    if started.placed is not None:  # a queued message's parent, now fixed
-                        self.hub.publish(conversation_id, message_event(started.placed))
-                    if started.moved:
-                        self.hub.publish(conversation_id, path_event(started.conversation))
-                    typing = Typing(conversation_id=conversation_id, active=True).encode()
-                    self.hub.publish(conversation_id, typing)
-                    self.hub.publish(conversation_id, message_event(started.row))
-                    # Current before the lock is let go: an edit that comes next cancels it.
-                    pending = self._pending_reply(conversation_id, started.message, started.row)
-                    self.live.current[conversation_id] = pending
-            if started is None:
-                if conversation_id in self._dirty:
-                    continue  # stored while we looked
-                return
-            message = started.message
-            if message.seq >= self._owed.get(conversation_id, message.seq + 1):
-                del self._owed[conversation_id]
-            if lease is not None:
-                lease.on_lost = lambda p=pending: p.stop(interrupted=True)
-            try:
-                await self.replies.answer(started, pending)
-            except Exception:
-                log.exception("reply failed in conversation %s", conversation_id)
-            finally:
-                self.live.active.pop(conversation_id, None)
-                self.live.current.pop(conversation_id, None)
-            if lease is not None and lease.lost:
-                return  # another process owns the conversation now, and settles the row
-            await asyncio.shield(self.store.mark_answered(conversation_id, message.seq))
+        answered: int | None = None  # the reply just settled: marked with the next start
+        try:
+            while lease is None or not lease.lost:
+                if self.closing and conversation_id not in self._owed:
+                    return  # what waits stays stored and acknowledged: the next process answers it
+                self._dirty.discard(conversation_id)
+                async with self.live.lock(conversation_id):
+                    started = await self.store.start_reply(
+                        conversation_id,
+                        default_model=self.default_model(),
+                        answered_seq=answered,
+                    )
+                    answered = None
+                    if started is not None:
+                        if started.placed is not None:  # a queued message's parent, now fixed
+                            self.hub.publish(conversation_id, message_event(started.placed))
+                        if started.moved:
+                            self.hub.publish(conversation_id, path_event(started.conversation))
+                        typing = Typing(conversation_id=conversation_id, active=True).encode()
+                        self.hub.publish(conversation_id, typing)
+                        self.hub.publish(conversation_id, message_event(started.row))
+                        # Current before the lock is let go: an edit that comes next cancels it.
+                        pending = self._pending_reply(conversation_id, started.message, started.row)
+                        self.live.current[conversation_id] = pending
+                if started is None:
+                    if conversation_id in self._dirty:
+                        continue  # stored while we looked
+                    return
+                message = started.message
+                if message.seq >= self._owed.get(conversation_id, message.seq + 1):
+                    del self._owed[conversation_id]
+                if lease is not None:
+                    lease.on_lost = lambda p=pending: p.stop(interrupted=True)
+                try:
+                    await self.replies.answer(started, pending)
+                except Exception:
+                    log.exception("reply failed in conversation %s", conversation_id)
+                finally:
+                    self.live.active.pop(conversation_id, None)
+                    self.live.current.pop(conversation_id, None)
+                if lease is not None and lease.lost:
+                    return  # another process owns the conversation now, and settles the row
+                answered = message.seq
+        finally:
+            if answered is not None:  # the worker stops before another start marks it
+                await asyncio.shield(self.store.mark_answered(conversation_id, answered))
 
     def _pending_reply(self, conversation_id: str, message: Message, row: Message) -> PendingReply:
         # A regeneration's own options (its model) win over those of the message it answers.

@@ -411,15 +411,20 @@ class Store:
         return await self._run(lambda session: next_unanswered(session, conversation_id))
 
     @timed
-    async def start_reply(self, conversation_id: str, *, default_model: str) -> StartedReply | None:
+    async def start_reply(
+        self, conversation_id: str, *, default_model: str, answered_seq: int | None = None
+    ) -> StartedReply | None:
         """Open the reply to the oldest user message still waiting in the conversation: read
         what the model sees and store the reply's row, in one transaction. None: none waits.
 
         The row's model is the one the message asked for, else the conversation's, else
-        `default_model`.
+        `default_model`. `answered_seq`: the previous reply is settled, as `mark_answered`
+        would say, in the same transaction (one round trip less a reply).
         """
 
         def start(session: Session) -> StartedReply | None:
+            if answered_seq is not None:
+                _mark_answered(session, conversation_id, answered_seq)
             waiting = next_unanswered(session, conversation_id)
             if waiting is None:
                 return None
@@ -452,13 +457,7 @@ class Store:
     @timed
     async def mark_answered(self, conversation_id: str, seq: int) -> None:
         """The reply to user message `seq` is settled: it leaves the queue (never moves back)."""
-        await self._run(
-            lambda session: session.execute(
-                update(Conversation)
-                .where(Conversation.id == conversation_id, Conversation.answered_seq < seq)
-                .values(answered_seq=seq)
-            )
-        )
+        await self._run(lambda session: _mark_answered(session, conversation_id, seq))
 
     @timed
     async def messages_changed_since(self, conversation_id: str, since: datetime) -> list[Message]:
@@ -918,6 +917,14 @@ def _load(session: Session, ids: Sequence[str]) -> list[Message]:
 
 def _parents(rows: Sequence[Message]) -> set[str | None]:
     return {row.parent_id for row in rows}
+
+
+def _mark_answered(session: Session, conversation_id: str, seq: int) -> None:
+    session.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id, Conversation.answered_seq < seq)
+        .values(answered_seq=seq)
+    )
 
 
 def _start_turn(
