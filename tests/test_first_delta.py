@@ -26,7 +26,7 @@ def slow_commit(monkeypatch: pytest.MonkeyPatch, *, fail: bool) -> list[float]:
     """Make `start_reply` take COMMIT_S after reading the context (and fail, if `fail`);
     returns when each such transaction ended."""
     ended: list[float] = []
-    original = repo.open_turn
+    original = repo.open_turn  # type: ignore[attr-defined]
 
     def slow(*args: Any, **kwargs: Any) -> Any:
         made = original(*args, **kwargs)
