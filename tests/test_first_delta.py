@@ -106,3 +106,38 @@ async def test_a_request_that_differs_from_the_turn_s_is_cancelled_and_made_agai
     assert deltas_text(client.seen) == "fresh answer"
     assert ["stale" in text_of(body) for body in provider.requests] == [True, False]
     await eventually(lambda: provider.active_requests == 0)  # the stale one was closed
+
+
+async def test_a_regeneration_s_request_also_starts_before_its_row_commits(
+    client: Client, provider: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider.default = Reply(text="first answer")
+    await client.send(type="send", content="hi")
+    conversation_id = (await client.until_type("ack"))[-1]["conversation_id"]
+    first = final_message(await client.until_reply())
+    ended: list[float] = []
+    update_row = repo.update_row  # type: ignore[attr-defined]
+
+    def slow(session: Any, message_id: str, fields: dict[str, Any]) -> Any:
+        done = update_row(session, message_id, fields)
+        if fields.get("status") == "streaming":  # start_reply opening the queued row
+            time.sleep(COMMIT_S)
+            ended.append(time.monotonic())
+        return done
+
+    monkeypatch.setattr(repo, "update_row", slow)
+    seen: list[float] = []
+
+    def answer(body: dict[str, Any]) -> Reply:
+        seen.append(time.monotonic())
+        return Reply(text="second answer")
+
+    provider.responder = answer
+    provider.default = Reply(text="unused")
+    ack = await client.request(
+        type="regenerate", conversation_id=conversation_id, message_id=first["id"]
+    )
+    final = final_message(await client.until_reply())
+    assert final["id"] == ack["message_id"] and final["content"] == "second answer"
+    assert len(provider.requests) == 2  # the first reply's and the regeneration's, no more
+    assert len(ended) == 1 and len(seen) == 1 and seen[0] < ended[0]
