@@ -11,16 +11,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
 from ..errors import CortexError, Internal, TooLarge
 from ..fanout.hub import Hub
-from ..llm.events import Finish, LlmBackend, TextDelta, ToolCall, ToolCalls, UsageInfo
+from ..llm.events import (
+    Finish,
+    LlmBackend,
+    StreamEvent,
+    TextDelta,
+    ToolCall,
+    ToolCalls,
+    UsageInfo,
+)
 from ..ops.telemetry import ReplyTrace, Telemetry
 from ..protocol import ErrorEvent, Typing
 from .checkpoints import Checkpoints
+from .early import EarlyTurn, Opened, Opening, TurnRequest
 from .files import Files
 from .live import ActiveReply, Live, PendingReply
 from .tool_loop import ToolLoop
@@ -106,15 +116,52 @@ class Replies:
             ),
         )
 
-    async def answer(self, started: StartedReply, pending: PendingReply) -> None:
-        """See a started reply through: its turns, the tools between them, typing off."""
+    def early(self) -> EarlyTurn:
+        """A reply's first turn, ready to start from inside `start_reply` (see `early`)."""
+        return EarlyTurn(self._start_early)
+
+    def _start_early(
+        self, opening: Opening
+    ) -> tuple[TurnRequest, asyncio.Future[Opened], asyncio.Future[None]] | None:
+        """The first turn's stream from what `start_reply` read, by the rules of `plan` (the
+        turn compares the requests, so a rule that differs costs a restart, never a wrong reply).
+        A context with attachments waits for the turn: their parts need the store."""
+        if any(row.has_files for row in opening.context):
+            return None
+        options = opening.options
+        model = options.get("model") or opening.model or self.llm.default_model()
+        temperature = options.get("temperature")
+        tools = options.get("tools")
+        specs = self.tool_loop.specs(
+            tuple(tools) if tools is not None else None, user=opening.owner
+        )
+        request = TurnRequest(
+            messages=self._trim(openai_messages(opening.context), model),
+            model=model,
+            system_prompt=opening.system_prompt or self.settings.system_prompt,
+            temperature=temperature if temperature is not None else opening.temperature,
+            tools=specs or None,
+        )
+        gate: asyncio.Future[Opened] = asyncio.get_running_loop().create_future()
+        return (
+            request,
+            gate,
+            asyncio.ensure_future(self._stream(opening.conversation_id, request, gate)),
+        )
+
+    async def answer(
+        self, started: StartedReply, pending: PendingReply, early: EarlyTurn | None = None
+    ) -> None:
+        """See a started reply through: its turns, the tools between them, typing off.
+        `early`: its first turn's stream, if begun while the reply's row committed."""
         conversation_id = started.conversation.id
         plan = self.plan(started.conversation, pending)
         try:
             context, row = started.context, started.row
             rounds = 0
             while True:
-                result = await self._turn(conversation_id, pending, plan, context, row)
+                result = await self._turn(conversation_id, pending, plan, context, row, early)
+                early = None  # later turns follow their tools
                 if not result.calls or pending.stopped:
                     return
                 rounds += 1
@@ -139,6 +186,8 @@ class Replies:
                     )
                     self.hub.publish(conversation_id, message_event(row))
         finally:
+            if early is not None:
+                early.cancel()  # the reply stopped before its first turn took the stream
             self.hub.publish(
                 conversation_id, Typing(conversation_id=conversation_id, active=False).encode()
             )
@@ -151,6 +200,7 @@ class Replies:
         plan: Plan,
         context: list[ContextMessage],
         row: Message,
+        early: EarlyTurn | None = None,
     ) -> TurnResult:
         """One model turn into one assistant row: streamed, checkpointed, then finalised."""
         active = ActiveReply(message_id=row.id, seq=row.seq)
@@ -161,9 +211,16 @@ class Replies:
             if pending.stopped:
                 raise asyncio.CancelledError  # stopped before it started: nothing to stream
             messages = self._trim(await self._model_messages(context), plan.model)
-            stream = asyncio.ensure_future(
-                self._stream(conversation_id, active, result, messages, plan)
+            request = TurnRequest(
+                messages, plan.model, plan.system_prompt, plan.temperature, plan.specs or None
             )
+            taken = early.take(request) if early is not None else None
+            if taken is not None:
+                stream, gate = taken  # begun while the row committed: its events may flow now
+            else:
+                gate = asyncio.get_running_loop().create_future()
+                stream = asyncio.ensure_future(self._stream(conversation_id, request, gate))
+            gate.set_result(Opened(active, result, plan.trace))
             pending.interruptible = stream
             try:
                 await stream
@@ -215,33 +272,50 @@ class Replies:
         return trim(messages, model) if trim is not None else messages
 
     async def _stream(
+        self, conversation_id: str, request: TurnRequest, gate: asyncio.Future[Opened]
+    ) -> None:
+        """Read the model's stream; its events are handled once `gate` says where they go (the
+        row committed and the turn adopted this stream)."""
+        events = self.llm.stream(
+            request.messages,
+            model=request.model,
+            system_prompt=request.system_prompt,
+            temperature=request.temperature,
+            tools=request.tools,
+        )
+        try:
+            await self._relay(conversation_id, events, gate)
+        finally:
+            # Cancelled at the gate, the stream waits at a yield: close its HTTP request now.
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
+
+    async def _relay(
         self,
         conversation_id: str,
-        active: ActiveReply,
-        result: TurnResult,
-        messages: list[dict[str, Any]],
-        plan: Plan,
+        events: AsyncIterator[StreamEvent],
+        gate: asyncio.Future[Opened],
     ) -> None:
         interval = self.settings.checkpoint_ms / 1000
-        next_checkpoint = time.monotonic() + interval
+        next_checkpoint = 0.0
         next_yield = time.monotonic() + STREAM_SLICE_S
         read_at = 0.0  # when the previous chunk was handled
         publish = self.hub.publish_delta
         limit = self.settings.max_reply_chars
-        async for event in self.llm.stream(
-            messages,
-            model=plan.model,
-            system_prompt=plan.system_prompt,
-            temperature=plan.temperature,
-            tools=plan.specs or None,
-        ):
+        opened: Opened | None = None
+        async for event in events:
+            if opened is None:
+                opened = await gate
+                active, result, trace = opened
+                next_checkpoint = time.monotonic() + interval
             if isinstance(event, TextDelta):
                 text = event.text
                 if active.length + len(text) > limit:
                     # Stored and sent up to the limit, then the reply ends as `too_large`.
                     await self._cut_at_limit(conversation_id, active, text, limit)
                 if not active.length:
-                    plan.trace.first_token()
+                    trace.first_token()
                 publish(conversation_id, active.message_id, active.length, text)
                 active.parts.append(text)
                 active.length += len(text)

@@ -125,14 +125,25 @@ class Workers:
                 if self.closing and conversation_id not in self._owed:
                     return  # what waits stays stored and acknowledged: the next process answers it
                 self._dirty.discard(conversation_id)
+                # The first turn's model request starts inside start_reply, once the context is
+                # read: the provider's wait overlaps the commit (cancelled unless the turn takes
+                # it).
+                early = self.replies.early()
                 async with self.live.lock(conversation_id):
-                    started = await self.store.start_reply(
-                        conversation_id,
-                        default_model=self.default_model(),
-                        answered_seq=answered,
-                    )
+                    try:
+                        started = await self.store.start_reply(
+                            conversation_id,
+                            default_model=self.default_model(),
+                            answered_seq=answered,
+                            on_context=early.on_context,
+                        )
+                    except BaseException:
+                        early.cancel()
+                        raise
                     answered = None
-                    if started is not None:
+                    if started is None:
+                        early.cancel()
+                    else:
                         if started.placed is not None:  # a queued message's parent, now fixed
                             self.hub.publish(conversation_id, message_event(started.placed))
                         if started.moved:
@@ -153,10 +164,11 @@ class Workers:
                 if lease is not None:
                     lease.on_lost = lambda p=pending: p.stop(interrupted=True)
                 try:
-                    await self.replies.answer(started, pending)
+                    await self.replies.answer(started, pending, early)
                 except Exception:
                     log.exception("reply failed in conversation %s", conversation_id)
                 finally:
+                    early.cancel()  # taken or cancelled already, unless answer failed first
                     self.live.active.pop(conversation_id, None)
                     self.live.current.pop(conversation_id, None)
                 if lease is not None and lease.lost:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from functools import partial
 from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import and_, delete, func, or_, select, text, update
@@ -58,6 +59,13 @@ TITLE_CHARS = 80
 CONVERSATION_SETTINGS = frozenset({"title", "model", "system_prompt", "temperature"})
 
 T = TypeVar("T")
+
+
+# Told inside `start_reply`'s transaction what the reply's model sees: the conversation, the
+# user message, the options of a regeneration's queued row (else None) and the context.
+ContextHook = Callable[
+    [Conversation, Message, "dict[str, Any] | None", "list[ContextMessage]"], None
+]
 
 
 class StoredMessage(NamedTuple):
@@ -412,7 +420,12 @@ class Store:
 
     @timed
     async def start_reply(
-        self, conversation_id: str, *, default_model: str, answered_seq: int | None = None
+        self,
+        conversation_id: str,
+        *,
+        default_model: str,
+        answered_seq: int | None = None,
+        on_context: ContextHook | None = None,
     ) -> StartedReply | None:
         """Open the reply to the oldest user message still waiting in the conversation: read
         what the model sees and store the reply's row, in one transaction. None: none waits.
@@ -420,6 +433,9 @@ class Store:
         The row's model is the one the message asked for, else the conversation's, else
         `default_model`. `answered_seq`: the previous reply is settled, as `mark_answered`
         would say, in the same transaction (one round trip less a reply).
+        `on_context(conversation, message, row_options, context)` is called inside the
+        transaction (on its thread) once the context is read, before the row is written and
+        committed: the reply may start its model request meanwhile.
         """
 
         def start(session: Session) -> StartedReply | None:
@@ -435,13 +451,15 @@ class Store:
                     update_row(session, work.id, {"status": "cancelled"})
                     raise StoreError("a regeneration lost its user message")
                 context = path_context(session, conversation_id, message.id)
+                if on_context is not None:
+                    on_context(conv, message, work.reply_options, context)
                 # Its model: the frame's, else the one the message asked for, else the usual.
                 asked = (message.reply_options or {}).get("model")
                 work.model = work.model or asked or conv.model or default_model
                 update_row(session, work.id, {"status": "streaming", "model": work.model})
                 work.status = "streaming"
                 return StartedReply(conv, message, context, work)
-            return _start_turn(session, conv, work, default_model)
+            return _start_turn(session, conv, work, default_model, on_context)
 
         return await self._run(start)
 
@@ -928,7 +946,11 @@ def _mark_answered(session: Session, conversation_id: str, seq: int) -> None:
 
 
 def _start_turn(
-    session: Session, conv: Conversation, message: Message, default_model: str
+    session: Session,
+    conv: Conversation,
+    message: Message,
+    default_model: str,
+    on_context: ContextHook | None = None,
 ) -> StartedReply:
     """The turn of a waiting user message: its parent is fixed if it was queued (the end of
     the active path now), the path runs through it, and its reply's row is stored."""
@@ -949,7 +971,8 @@ def _start_turn(
             make_active(session, conv.id, message.id)
             moved = True
     model = options.get("model") or conv.model or default_model
-    context, row = open_turn(session, conv.id, message.id, model)
+    heard = None if on_context is None else partial(on_context, conv, message, None)
+    context, row = open_turn(session, conv.id, message.id, model, heard)
     return StartedReply(conv, message, context, row, placed, moved)
 
 
@@ -960,6 +983,7 @@ def default_title(content: str) -> str:
 
 
 __all__: Sequence[str] = (
+    "ContextHook",
     "ContextMessage",
     "BranchChange",
     "Page",

@@ -7,7 +7,7 @@ costs O(path length), never O(conversation). Plain functions of a `Session`, lik
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Boolean, Table, bindparam, column, select, text, update
@@ -212,12 +212,19 @@ def busy(session: Session, conversation_id: str, answered_seq: int) -> bool:
 
 
 def open_turn(
-    session: Session, conversation_id: str, parent_id: str, model: str
+    session: Session,
+    conversation_id: str,
+    parent_id: str,
+    model: str,
+    on_context: Callable[[list[ContextMessage]], None] | None = None,
 ) -> tuple[list[ContextMessage], Message]:
     """What the model sees for a turn that follows `parent_id` (the path to it), and the row
     (empty, `streaming`) the turn streams into, as the parent's child. The context is read
-    first: the new row is not in it."""
+    first: the new row is not in it. `on_context` hears the context as soon as it is read,
+    while the row is still to be written and committed (the model request starts then)."""
     context = path_context(session, conversation_id, parent_id)
+    if on_context is not None:
+        on_context(context)
     if not context and session.get(Message, parent_id) is None:
         raise StoreError("the branch of this reply was deleted")
     taken = take_seq(session, conversation_id)

@@ -1,0 +1,143 @@
+"""The first turn's model request starts while the reply's row commits (pipeline/early.py):
+taken when the turn asks the same, else cancelled (its HTTP request closed) and made again.
+
+SQLite only: the slow commit below sleeps in the transaction's thread, which on PostgreSQL is
+the event loop itself.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from conftest import Client, deltas_text, eventually, final_message
+
+from cortex.pipeline.early import Opening
+from cortex.pipeline.reply import Replies
+from cortex.store import repo
+from cortex.store.statements import ContextMessage, StoreError
+from cortex.testing.fake_openai import FakeOpenAI, Reply
+
+COMMIT_S = 0.3  # the transaction's work after the context is read: the request starts meanwhile
+
+
+def slow_commit(monkeypatch: pytest.MonkeyPatch, *, fail: bool) -> list[float]:
+    """Make `start_reply` take COMMIT_S after reading the context (and fail, if `fail`);
+    returns when each such transaction ended."""
+    ended: list[float] = []
+    original = repo.open_turn  # type: ignore[attr-defined]
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        made = original(*args, **kwargs)
+        time.sleep(COMMIT_S)  # in the DB thread: the event loop runs on
+        ended.append(time.monotonic())
+        if fail:
+            raise StoreError("the commit failed (test)")
+        return made
+
+    monkeypatch.setattr(repo, "open_turn", slow)
+    return ended
+
+
+def text_of(body: dict[str, Any]) -> str:
+    return " ".join(str(m.get("content")) for m in body["messages"])
+
+
+async def test_the_model_request_starts_before_the_row_commits_and_is_taken(
+    client: Client, provider: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ended = slow_commit(monkeypatch, fail=False)
+    seen: list[float] = []
+
+    def answer(body: dict[str, Any]) -> Reply:
+        seen.append(time.monotonic())
+        return Reply(text="one two three")
+
+    provider.responder = answer
+    await client.send(type="send", content="hi")
+    final = final_message(await client.until_reply())
+    assert final["status"] == "complete" and final["content"] == "one two three"
+    assert deltas_text(client.seen) == "one two three"
+    # One request, and it reached the provider while the transaction was still running.
+    assert len(provider.requests) == 1
+    assert len(ended) == 1 and seen[0] < ended[0]
+
+
+async def test_a_failed_commit_cancels_the_request_it_started(
+    client: Client, provider: FakeOpenAI, server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow_commit(monkeypatch, fail=True)
+    provider.enqueue(Reply(text="never shown", first_chunk_delay=30))
+    await client.send(type="send", content="hi")
+    conversation_id = (await client.until_type("ack"))[-1]["conversation_id"]
+    await eventually(lambda: len(provider.requests) == 1)
+    started = time.monotonic()
+    # The provider sees the client go away long before its first chunk was due.
+    await eventually(lambda: provider.active_requests == 0)
+    assert time.monotonic() - started < 10
+    assert not [e for e in client.seen if e["type"] == "delta"]
+    rows, _ = await server.store.messages(conversation_id)
+    assert [row.role for row in rows] == ["user"]  # acknowledged and kept; no reply row
+
+
+async def test_a_request_that_differs_from_the_turn_s_is_cancelled_and_made_again(
+    client: Client, provider: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow_commit(monkeypatch, fail=False)
+    start_early = Replies._start_early
+
+    def stale(self: Replies, opening: Opening) -> Any:
+        # As if the context had changed after the request was built: it no longer matches.
+        old = ContextMessage(role="user", content="stale", tool_calls=None, tool_call_id=None)
+        return start_early(self, opening._replace(context=[old, *opening.context]))
+
+    monkeypatch.setattr(Replies, "_start_early", stale)
+
+    def answer(body: dict[str, Any]) -> Reply:
+        if "stale" in text_of(body):
+            return Reply(text="stale answer", first_chunk_delay=30)
+        return Reply(text="fresh answer")
+
+    provider.responder = answer
+    await client.send(type="send", content="hi")
+    final = final_message(await client.until_reply())
+    assert final["status"] == "complete" and final["content"] == "fresh answer"
+    assert deltas_text(client.seen) == "fresh answer"
+    assert ["stale" in text_of(body) for body in provider.requests] == [True, False]
+    await eventually(lambda: provider.active_requests == 0)  # the stale one was closed
+
+
+async def test_a_regeneration_s_request_also_starts_before_its_row_commits(
+    client: Client, provider: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider.default = Reply(text="first answer")
+    await client.send(type="send", content="hi")
+    conversation_id = (await client.until_type("ack"))[-1]["conversation_id"]
+    first = final_message(await client.until_reply())
+    ended: list[float] = []
+    update_row = repo.update_row  # type: ignore[attr-defined]
+
+    def slow(session: Any, message_id: str, fields: dict[str, Any]) -> Any:
+        done = update_row(session, message_id, fields)
+        if fields.get("status") == "streaming":  # start_reply opening the queued row
+            time.sleep(COMMIT_S)
+            ended.append(time.monotonic())
+        return done
+
+    monkeypatch.setattr(repo, "update_row", slow)
+    seen: list[float] = []
+
+    def answer(body: dict[str, Any]) -> Reply:
+        seen.append(time.monotonic())
+        return Reply(text="second answer")
+
+    provider.responder = answer
+    provider.default = Reply(text="unused")
+    ack = await client.request(
+        type="regenerate", conversation_id=conversation_id, message_id=first["id"]
+    )
+    final = final_message(await client.until_reply())
+    assert final["id"] == ack["message_id"] and final["content"] == "second answer"
+    assert len(provider.requests) == 2  # the first reply's and the regeneration's, no more
+    assert len(ended) == 1 and len(seen) == 1 and seen[0] < ended[0]
