@@ -141,3 +141,89 @@ async def test_a_regeneration_s_request_also_starts_before_its_row_commits(
     assert final["id"] == ack["message_id"] and final["content"] == "second answer"
     assert len(provider.requests) == 2  # the first reply's and the regeneration's, no more
     assert len(ended) == 1 and len(seen) == 1 and seen[0] < ended[0]
+
+
+def slow_message_commit(monkeypatch: pytest.MonkeyPatch, *, fail: bool) -> list[float]:
+    """Make `add_user_message`'s transaction take COMMIT_S after its work (and fail, if
+    `fail`); returns when each such transaction ended."""
+    from cortex.store.transactions import Transactions
+
+    ended: list[float] = []
+    original = Transactions._in_tx
+
+    def slow(self: Transactions, fn: Any) -> Any:
+        if "add_user_message" not in getattr(fn, "__qualname__", ""):
+            return original(self, fn)
+
+        def then_wait(session: Any) -> Any:
+            made = fn(session)
+            time.sleep(COMMIT_S)  # in the DB thread: the event loop runs on
+            ended.append(time.monotonic())
+            if fail:
+                raise StoreError("the commit failed (test)")
+            return made
+
+        return original(self, then_wait)
+
+    monkeypatch.setattr(Transactions, "_in_tx", slow)
+    return ended
+
+
+@pytest.mark.parametrize("new_conversation", [True, False])
+async def test_a_message_nothing_waits_before_starts_its_request_before_it_commits(
+    client: Client, provider: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, new_conversation: bool
+) -> None:
+    frame: dict[str, Any] = {}
+    if not new_conversation:
+        provider.enqueue(Reply(text="first answer"))
+        await client.send(type="send", content="first")
+        frame["conversation_id"] = (await client.until_type("ack"))[-1]["conversation_id"]
+        await client.until_reply()
+    ended = slow_message_commit(monkeypatch, fail=False)
+    seen: list[float] = []
+
+    def answer(body: dict[str, Any]) -> Reply:
+        seen.append(time.monotonic())
+        return Reply(text="early answer")
+
+    provider.responder = answer
+    await client.send(type="send", content="second", **frame)
+    final = final_message(await client.until_reply())
+    assert final["status"] == "complete" and final["content"] == "early answer"
+    assert deltas_text([e for e in client.seen if e.get("message_id") == final["id"]]) == (
+        "early answer"
+    )
+    # One request for the message, and it reached the provider before the message committed.
+    assert len(seen) == 1 and len(ended) == 1 and seen[0] < ended[0]
+
+
+async def test_a_failed_message_commit_closes_the_request_it_started(
+    client: Client, provider: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow_message_commit(monkeypatch, fail=True)
+    provider.enqueue(Reply(text="never shown", first_chunk_delay=30))
+    await client.send(type="send", content="hi", request_id="r1")
+    error = (await client.until_type("error"))[-1]
+    assert error["code"] == "internal" and error["request_id"] == "r1"
+    await eventually(lambda: len(provider.requests) == 1)
+    started = time.monotonic()
+    await eventually(lambda: provider.active_requests == 0)  # closed, not left to run
+    assert time.monotonic() - started < 10
+    assert not [e for e in client.seen if e["type"] in ("ack", "delta")]
+
+
+async def test_a_message_sent_during_a_reply_gets_one_request_after_it(
+    client: Client, provider: FakeOpenAI
+) -> None:
+    """Queued behind a reply, a message's request is not started early: each message makes
+    exactly one request, in order."""
+    provider.enqueue(Reply(text="slow first answer", chunks=3, chunk_delay=0.2))
+    provider.enqueue(Reply(text="second answer"))
+    await client.send(type="send", content="first")
+    conversation_id = (await client.until_type("ack"))[-1]["conversation_id"]
+    await client.until_type("delta")
+    await client.send(type="send", content="second", conversation_id=conversation_id)
+    await client.until(
+        lambda e: e["type"] == "message" and e["message"]["content"] == "second answer"
+    )
+    assert [text_of(body).split()[-1] for body in provider.requests] == ["first", "second"]

@@ -2,11 +2,14 @@
 
 `Store.start_reply` reads what the model sees, then writes the reply's row and commits. The
 provider's wait for its first token need not wait for that commit: `EarlyTurn` hears the context
-from inside the transaction and starts the first turn's stream at once. The stream's events wait
-behind a gate until the turn adopts it: after the commit, and only if the turn would make the very
-same request. Otherwise (the transaction failed, nothing waited, the request differs, the reply
-was stopped first) the stream is cancelled, which closes its HTTP request, and the turn makes its
-own. Every reply takes this one path; the tool loop's later turns start after their commit.
+from inside the transaction and starts the first turn's stream at once. A message that nothing
+waits before is heard even sooner, inside `add_user_message`'s own transaction: the intake hands
+that `EarlyTurn` to the conversation's worker (`Workers.kick`), whose next start takes it. The
+stream's events wait behind a gate until the turn adopts it: after the commit, and only if the
+turn would make the very same request. Otherwise (a transaction failed, nothing waited, the
+request differs, the reply was stopped first) the stream is cancelled, which closes its HTTP
+request, and the turn makes its own. Every reply takes this one path; the tool loop's later
+turns start after their commit.
 """
 
 from __future__ import annotations
@@ -64,12 +67,14 @@ Starter = Callable[
 
 
 class EarlyTurn:
-    """The first turn's stream of one reply, begun from inside `start_reply`."""
+    """The first turn's stream of one reply, begun from inside `add_user_message` (a message
+    nothing waits before) or `start_reply`, whichever hears the context first."""
 
     def __init__(self, start: Starter) -> None:
         self._loop = asyncio.get_running_loop()
         self._start = start
         self._closed = False
+        self._heard = False  # one request: a later hook (the worker's) keeps the first
         self.request: TurnRequest | None = None
         self._gate: asyncio.Future[Opened] | None = None
         self._task: asyncio.Future[None] | None = None
@@ -81,7 +86,10 @@ class EarlyTurn:
         row_options: dict[str, Any] | None,
         context: list[ContextMessage],
     ) -> None:
-        """`start_reply`'s hook, on the transaction's thread: copy, and let the loop start."""
+        """The store's hook, on the transaction's thread: copy, and let the loop start."""
+        if self._heard:
+            return
+        self._heard = True
         opening = Opening(
             conv.id,
             conv.owner,

@@ -22,7 +22,8 @@ from .workers import Workers
 
 if TYPE_CHECKING:
     from ..store.models import Attachment
-    from ..store.repo import Store
+    from ..store.repo import Store, StoredMessage
+    from .early import EarlyTurn
 
 
 class Intake:
@@ -115,6 +116,47 @@ class Intake:
             lock = self.live.lock(f"new:{owner}:{frame.client_msg_id}")
         else:
             lock = contextlib.nullcontext()
+        # Its reply's model request may start while the message commits (`early`): the worker
+        # takes it, or it is cancelled.
+        early = self.workers.early()
+        try:
+            stored = await self._add(owner, frame, client, model, tools, attached, lock, early)
+        except BaseException:
+            early.cancel()
+            raise
+        if stored is None:
+            early.cancel()
+            return
+        conv, message = stored.conversation, stored.message
+        if frame.conversation_id is None:
+            await self.hub.watch(conv.id)
+            # Other tabs' sidebars (the sender has its ack).
+            self.hub.publish_except(user_topic(owner), listed_event(conv), client)
+        self.telemetry.message_stored(
+            user=owner,
+            conversation_id=conv.id,
+            seq=message.seq,
+            content=frame.content,
+            created=frame.conversation_id is None,
+            request_id=frame.request_id,
+            connection_id=connection_id,
+        )
+        # Accepted before any shutdown began: its reply is seen through even if one has since.
+        self.workers.kick(conv.id, owed_seq=message.seq, early=early)
+
+    async def _add(
+        self,
+        owner: str,
+        frame: Send,
+        client: Subscriber,
+        model: str | None,
+        tools: tuple[str, ...] | None,
+        attached: list[Attachment],
+        lock: contextlib.AbstractAsyncContextManager[Any],
+        early: EarlyTurn,
+    ) -> StoredMessage | None:
+        """Store, ack and announce the message. None: an idempotent retry, acked again."""
+        connection_id = getattr(client, "id", None)
         async with lock:
             stored = await self.store.add_user_message(
                 owner=owner,
@@ -133,6 +175,7 @@ class Intake:
                     connection_id=connection_id,
                 ),
                 attachment_ids=[row.id for row in attached],
+                on_context=early.on_context,
             )
             if stored is None:
                 raise NotFound("no such conversation")
@@ -151,24 +194,10 @@ class Intake:
                 ).encode()
             )
             if not stored.created:
-                return  # an idempotent retry: acknowledged again, nothing else
+                return None  # an idempotent retry: acknowledged again, nothing else
             views = [attachment_view(row) for row in attached]
             self.hub.publish(conv.id, message_event(message, attachments=views))
-        if frame.conversation_id is None:
-            await self.hub.watch(conv.id)
-            # Other tabs' sidebars (the sender has its ack).
-            self.hub.publish_except(user_topic(owner), listed_event(conv), client)
-        self.telemetry.message_stored(
-            user=owner,
-            conversation_id=conv.id,
-            seq=message.seq,
-            content=frame.content,
-            created=frame.conversation_id is None,
-            request_id=frame.request_id,
-            connection_id=connection_id,
-        )
-        # Accepted before any shutdown began: its reply is seen through even if one has since.
-        self.workers.kick(conv.id, owed_seq=message.seq)
+        return stored
 
 
 def reply_options(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import Unavailable
 from ..fanout.hub import Hub
 from ..protocol import Typing
+from .early import EarlyTurn
 from .live import Live, PendingReply
 from .reply import Replies
 from .views import message_event, path_event
@@ -53,6 +54,7 @@ class Workers:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._dirty: set[str] = set()  # conversations with messages stored since last looked
         self._cancel_next: set[str] = set()  # a cancel that came before its reply started
+        self._early: dict[str, EarlyTurn] = {}  # a send's stream, for the worker's next start
         # The newest message of each conversation accepted before a shutdown began: answered
         # even while the server drains.
         self._owed: dict[str, int] = {}
@@ -75,15 +77,34 @@ class Workers:
             if not self._sends:
                 self._no_sends.set()
 
-    def kick(self, conversation_id: str, *, owed_seq: int | None = None) -> None:
+    def early(self) -> EarlyTurn:
+        """A reply's first turn, to start from inside a store transaction (see `early`)."""
+        return self.replies.early()
+
+    def kick(
+        self,
+        conversation_id: str,
+        *,
+        owed_seq: int | None = None,
+        early: EarlyTurn | None = None,
+    ) -> None:
         """Messages may wait in the conversation: make sure a worker looks.
 
         `owed_seq`: a message accepted before any shutdown began, answered even while closing.
+        `early`: the stream a `send` began while its message committed: the worker's next
+        start takes it (and cancels it unless its turn asks the very same).
         """
         if owed_seq is not None:
             self._owed[conversation_id] = max(owed_seq, self._owed.get(conversation_id, 0))
         elif self.closing:
+            if early is not None:
+                early.cancel()
             return
+        if early is not None:
+            stale = self._early.pop(conversation_id, None)
+            if stale is not None:
+                stale.cancel()
+            self._early[conversation_id] = early
         self._dirty.add(conversation_id)
         if conversation_id not in self._workers:
             task = asyncio.create_task(self._work(conversation_id), name=f"reply:{conversation_id}")
@@ -111,6 +132,9 @@ class Workers:
             log.exception("answering conversation %s failed", conversation_id)
         finally:
             self._workers.pop(conversation_id, None)
+            stale = self._early.pop(conversation_id, None)
+            if stale is not None:  # no start of this worker took it
+                stale.cancel()
             self._cancel_next.discard(conversation_id)
             self._owed.pop(conversation_id, None)
 
@@ -128,7 +152,7 @@ class Workers:
                 # The first turn's model request starts inside start_reply, once the context is
                 # read: the provider's wait overlaps the commit (cancelled unless the turn takes
                 # it).
-                early = self.replies.early()
+                early = self._early.pop(conversation_id, None) or self.replies.early()
                 async with self.live.lock(conversation_id):
                     try:
                         started = await self.store.start_reply(

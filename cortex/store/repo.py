@@ -262,12 +262,15 @@ class Store:
         reply_options: dict[str, Any] | None = None,
         parent_id: str | None = None,
         attachment_ids: Sequence[str] = (),
+        on_context: ContextHook | None = None,
     ) -> StoredMessage | None:
         """Store a user message, creating the conversation when `conversation_id` is None.
 
         It follows `parent_id` if given (a branch if that message has children already), else
         the active leaf. A repeated `client_msg_id` returns the stored message with
-        created=False (an idempotent retry). None: no such conversation.
+        created=False (an idempotent retry). None: no such conversation. `on_context`: told
+        what its reply's model would see, inside the transaction, when nothing waits before
+        it (see `start_reply`).
         """
 
         def store(session: Session) -> StoredMessage | None:
@@ -301,6 +304,9 @@ class Store:
                 )
                 if attachment_ids:
                     link(session, message.id, attachment_ids)
+                elif on_context is not None:
+                    context = [ContextMessage("user", content, None, None, message.id)]
+                    on_context(conv, message, None, context)
                 return StoredMessage(conv, message, True)
             taken = take_seq(session, conversation_id, owner=owner)
             if taken is None:
@@ -334,6 +340,8 @@ class Store:
                 conv.active_leaf_id = message.id
             if attachment_ids:
                 link(session, message.id, attachment_ids)
+            elif on_context is not None and not queued:
+                on_context(conv, message, None, path_context(session, conv.id, message.id))
             return StoredMessage(conv, message, True)
 
         for _attempt in range(3):
