@@ -415,6 +415,7 @@ async def test_deltas_apply_by_offset_repeats_dropped_gaps_resubscribed(
 ) -> None:
     """Between server and page, repeat one delta and lose another: the text stays exact."""
     text = words(80)
+    # 80 chunks 10 ms apart: about 16 delta frames, one each CORTEX_DELTA_INTERVAL_MS (50).
     provider.enqueue(Reply(text=text, chunks=80, chunk_delay=0.01))
     from_page: list[dict[str, Any]] = []
     deltas = 0
@@ -430,9 +431,9 @@ async def test_deltas_apply_by_offset_repeats_dropped_gaps_resubscribed(
             nonlocal deltas
             if json.loads(message).get("type") == "delta":
                 deltas += 1
-                if deltas == 20:
+                if deltas == 6:
                     return  # lost: the next delta shows a gap
-                if deltas == 10:
+                if deltas == 3:
                     ws.send(message)  # repeated: dropped by its offset
             ws.send(message)
 
