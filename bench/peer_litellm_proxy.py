@@ -2,9 +2,11 @@
 
     .venv/bin/python bench/peer_litellm_proxy.py [--concurrency 1 20] [--chunks 500]
                                                  [--chunk-delay 0] [--repeat 3]
-                                                 [--profile] [--json]
+                                                 [--proxy .venv-proxy/bin/litellm] [--json]
 
-Needs LiteLLM's proxy (`litellm` CLI and its server dependencies, see docs/performance.md).
+Needs LiteLLM's proxy: `litellm[proxy]` does not install from PyPI, so scripts/bench-proxy-venv.sh
+makes it a venv of its own (.venv-proxy, from bench/requirements-proxy.txt); pass its `litellm`
+with --proxy.
 Processes, all on 127.0.0.1: the fake OpenAI-compatible provider (cortex.testing's, one word
 per chunk), LiteLLM's proxy (`litellm --config cfg.yaml`: one model entry pointing at the
 fake's api_base, no database, no master key, one uvicorn worker, its defaults otherwise), a
@@ -68,9 +70,8 @@ TIMEOUT = 180.0
 # ------------------------------------------------------------------------- LiteLLM's proxy
 
 
-async def start_proxy(workdir: Path, api_base: str, timeout: float = 180.0) -> Child:
+async def start_proxy(workdir: Path, api_base: str, exe: Path, timeout: float = 180.0) -> Child:
     """`litellm --config` on a free loopback port, ready when /health/liveliness answers."""
-    exe = Path(sys.executable).parent / "litellm"
     config = workdir / "litellm.yaml"
     config.write_text(
         "model_list:\n"
@@ -222,7 +223,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 workdir,
             )
             started.append(fake)
-            proxy_task = asyncio.create_task(start_proxy(workdir, fake.url))
+            proxy_task = asyncio.create_task(start_proxy(workdir, fake.url, args.proxy))
             server = await start_cortex(workdir, fake.url, server_settings(args.set))
             started.append(server)
             proxy = await proxy_task
@@ -378,12 +379,22 @@ def main(argv: list[str] | None = None) -> int:
         metavar="CORTEX_NAME=VALUE",
         help="a setting for the Cortex server (repeatable), e.g. CORTEX_CHECKPOINT_MS=60000",
     )
+    parser.add_argument(
+        "--proxy",
+        type=Path,
+        default=Path(sys.executable).parent / "litellm",
+        help="LiteLLM's `litellm` CLI (default: beside this interpreter; "
+        "scripts/bench-proxy-venv.sh makes .venv-proxy/bin/litellm)",
+    )
     parser.add_argument("--json", action="store_true", help="JSON on stdout, table on stderr")
     args = parser.parse_args(argv)
     if args.chunks < 1 or args.repeat < 1 or min(args.concurrency) < 1:
         parser.error("--chunks, --repeat and --concurrency must be positive")
-    if not (Path(sys.executable).parent / "litellm").exists():
-        parser.error("the `litellm` CLI is not installed (LiteLLM's proxy extras)")
+    if not args.proxy.exists():
+        parser.error(
+            f"no `litellm` CLI at {args.proxy}: make one with scripts/bench-proxy-venv.sh, "
+            "then pass --proxy .venv-proxy/bin/litellm"
+        )
     report = asyncio.run(measure(args))
     print_report(report, render(report), args.json)
     return 0 if report["cortex"]["exit_code"] == 0 else 1
