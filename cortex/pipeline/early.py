@@ -2,8 +2,8 @@
 
 `Store.start_reply` reads what the model sees, then writes the reply's row and commits. The
 provider's wait for its first token need not wait for that commit: `EarlyTurn` hears the context
-from inside the transaction and starts the first turn's stream at once. A message that nothing
-waits before is heard even sooner, inside `add_user_message`'s own transaction: the intake hands
+from inside the transaction and starts the first turn's stream at once. On one process, a
+message that nothing waits before is heard even sooner, inside `add_user_message`'s own transaction: the intake hands
 that `EarlyTurn` to the conversation's worker (`Workers.kick`), whose next start takes it. The
 stream's events wait behind a gate until the turn adopts it: after the commit, and only if the
 turn would make the very same request. Otherwise (a transaction failed, nothing waited, the
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -75,6 +76,7 @@ class EarlyTurn:
         self._start = start
         self._closed = False
         self._heard = False  # one request: a later hook (the worker's) keeps the first
+        self.started_at: float | None = None  # when its request began (time.monotonic)
         self.request: TurnRequest | None = None
         self._gate: asyncio.Future[Opened] | None = None
         self._task: asyncio.Future[None] | None = None
@@ -110,6 +112,7 @@ class EarlyTurn:
             log.exception("starting the model request early failed")  # the turn starts its own
             return
         if made is not None:
+            self.started_at = time.monotonic()
             self.request, self._gate, self._task = made
             # Read if it ends before it is adopted (a provider error): the adopter sees it anyway.
             self._task.add_done_callback(_retrieve)

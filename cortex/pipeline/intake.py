@@ -118,14 +118,16 @@ class Intake:
             lock = contextlib.nullcontext()
         # Its reply's model request may start while the message commits (`early`): the worker
         # takes it, or it is cancelled.
-        early = self.workers.early()
+        early = self.workers.early_for_send()
         try:
             stored = await self._add(owner, frame, client, model, tools, attached, lock, early)
         except BaseException:
-            early.cancel()
+            if early is not None:
+                early.cancel()
             raise
         if stored is None:
-            early.cancel()
+            if early is not None:
+                early.cancel()
             return
         conv, message = stored.conversation, stored.message
         if frame.conversation_id is None:
@@ -153,7 +155,7 @@ class Intake:
         tools: tuple[str, ...] | None,
         attached: list[Attachment],
         lock: contextlib.AbstractAsyncContextManager[Any],
-        early: EarlyTurn,
+        early: EarlyTurn | None,
     ) -> StoredMessage | None:
         """Store, ack and announce the message. None: an idempotent retry, acked again."""
         connection_id = getattr(client, "id", None)
@@ -175,7 +177,7 @@ class Intake:
                     connection_id=connection_id,
                 ),
                 attachment_ids=[row.id for row in attached],
-                on_context=early.on_context,
+                on_context=early.on_context if early is not None else None,
             )
             if stored is None:
                 raise NotFound("no such conversation")

@@ -156,6 +156,8 @@ class Replies:
         `early`: its first turn's stream, if begun while the reply's row committed."""
         conversation_id = started.conversation.id
         plan = self.plan(started.conversation, pending)
+        if early is not None and early.started_at is not None:
+            plan.trace.started = early.started_at  # the time to the first token runs from it
         try:
             context, row = started.context, started.row
             rounds = 0

@@ -77,9 +77,11 @@ class Workers:
             if not self._sends:
                 self._no_sends.set()
 
-    def early(self) -> EarlyTurn:
-        """A reply's first turn, to start from inside a store transaction (see `early`)."""
-        return self.replies.early()
+    def early_for_send(self) -> EarlyTurn | None:
+        """A reply's first turn, to start from inside a `send`'s transaction (see `early`).
+        None with several processes: another may hold the conversation's lease, and a request
+        begun here would be one the provider bills for nothing."""
+        return self.replies.early() if self.leases is None else None
 
     def kick(
         self,
