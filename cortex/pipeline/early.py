@@ -3,13 +3,13 @@
 `Store.start_reply` reads what the model sees, then writes the reply's row and commits. The
 provider's wait for its first token need not wait for that commit: `EarlyTurn` hears the context
 from inside the transaction and starts the first turn's stream at once. On one process, a
-message that nothing waits before is heard even sooner, inside `add_user_message`'s own transaction: the intake hands
-that `EarlyTurn` to the conversation's worker (`Workers.kick`), whose next start takes it. The
-stream's events wait behind a gate until the turn adopts it: after the commit, and only if the
-turn would make the very same request. Otherwise (a transaction failed, nothing waited, the
-request differs, the reply was stopped first) the stream is cancelled, which closes its HTTP
-request, and the turn makes its own. Every reply takes this one path; the tool loop's later
-turns start after their commit.
+message that nothing waits before is heard even sooner, inside `add_user_message`'s own
+transaction: the intake hands that `EarlyTurn` to the conversation's worker (`Workers.kick`),
+whose next start takes it. The stream's events wait behind a gate until the turn adopts it:
+after the commit, and only if the turn would make the very same request. Otherwise (a
+transaction failed, nothing waited, the request differs, the reply was stopped first) the stream
+is cancelled, which closes its HTTP request, and the turn makes its own. Every reply takes this
+one path; the tool loop's later turns start after their commit.
 """
 
 from __future__ import annotations
