@@ -1,9 +1,10 @@
 """One reply: its plan, its model turns (streamed, checkpointed, stored), tools between them.
 
 A turn streams into a row the workers (or the tool loop) stored with the turn's context, in one
-transaction; the model is called as soon as that returns. Deltas go to the hub at their exact
-character offsets, and the text is checkpointed beside the stream, so a slow database write
-never becomes a gap in the reply.
+transaction; the first turn's request usually began while that committed (`early`), its events
+held until the row exists. Deltas go to the hub at their exact character offsets, and the text
+is checkpointed beside the stream, so a slow database write never becomes a gap in the reply.
+Just over 400 lines: a turn's stream, its storing and the tool rounds share one set of state.
 """
 
 from __future__ import annotations
