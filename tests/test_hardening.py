@@ -333,6 +333,27 @@ async def test_a_connection_drops_the_deltas_below_the_text_it_was_given() -> No
     assert conn._floors == {}
 
 
+class CatchUpClient:
+    """A subscriber that records the events it is handed, honouring `trim_below` as
+    `server.Connection` does (a delta wholly below the floor is dropped)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.floors: dict[str, int] = {}
+
+    def deliver(self, frame: str) -> None:
+        event = json.loads(frame)
+        floor = self.floors.get(event.get("message_id", ""), 0)
+        if event["type"] != "delta" or event["offset"] + len(event["text"]) > floor:
+            self.events.append(event)
+
+    async def room(self) -> None:
+        return None
+
+    def trim_below(self, message_id: str, offset: int) -> None:
+        self.floors[message_id] = offset
+
+
 async def test_a_reply_that_ends_during_a_catch_up_still_gets_its_text_as_deltas(
     store: Any, tmp_path: Path
 ) -> None:
@@ -360,27 +381,58 @@ async def test_a_reply_that_ends_during_a_catch_up_still_gets_its_text_as_deltas
             hub.publish(conversation_id, message_event(row))
             return "", ""
 
-    class Frames:
-        def __init__(self) -> None:
-            self.events: list[dict[str, Any]] = []
-            self.floors: dict[str, int] = {}
-
-        def deliver(self, frame: str) -> None:
-            event = json.loads(frame)
-            floor = self.floors.get(event.get("message_id", ""), 0)
-            if event["type"] != "delta" or event["offset"] + len(event["text"]) > floor:
-                self.events.append(event)
-
-        async def room(self) -> None:
-            return None
-
-        def trim_below(self, message_id: str, offset: int) -> None:
-            self.floors[message_id] = offset
-
     reads = EndsMeanwhile(settings=make_settings(tmp_path), store=store, hub=hub, live=Live())
-    client = Frames()
+    client = CatchUpClient()
     await reads.subscribe("u", conv_id, 0, client)
     kinds = [(e["type"], e.get("message", {}).get("status")) for e in client.events]
     assert kinds[-3:] == [("delta", None), ("message", "complete"), ("ack", None)]
     built = "".join(e["text"] for e in client.events if e["type"] == "delta")
     assert built == client.events[-2]["message"]["content"] == "the whole reply"
+
+
+async def test_a_catch_up_that_shows_a_reply_whole_drops_its_deltas_still_on_their_way(
+    store: Any, tmp_path: Path
+) -> None:
+    """A client a `send` subscribed has the first words of a reply when it asks for a
+    catch-up; the reply ends while the catch-up reads, so the catch-up shows it whole. The
+    reply's earlier states buffered meanwhile (its row as it began streaming, its deltas) must
+    not follow that final `message`: a client would reopen the finished reply or append them
+    to it (bench/soak.py's "deltas built 9 chars" finding)."""
+    from conftest import make_settings
+
+    from cortex.fanout.hub import Hub
+    from cortex.pipeline.live import Live
+    from cortex.pipeline.reads import Reads
+    from cortex.pipeline.views import message_event
+    from cortex.protocol import delta_frame
+
+    stored = await store.add_user_message(
+        owner="u", conversation_id=None, content="hi", client_msg_id=None
+    )
+    conv_id = stored.conversation.id
+    streaming = (await store.start_reply(conv_id, default_model="mock")).row
+    row_id = streaming.id
+    words = ["the ", "whole ", "reply"]
+
+    class EndsMeanwhile(Hub):
+        async def watch(self, conversation_id: str) -> None:
+            self.publish(conversation_id, message_event(streaming))  # as if it began now
+            for offset, word in ((4, words[1]), (10, words[2])):  # into the catch-up's buffer
+                self.publish(conversation_id, delta_frame(conversation_id, row_id, offset, word))
+            row = await store.finish_message(row_id, content="".join(words), status="complete")
+            self.publish(conversation_id, message_event(row))
+
+    hub = EndsMeanwhile()
+    client = CatchUpClient()
+    hub.subscribe(conv_id, client)  # as a `send` does
+    hub.publish(conv_id, delta_frame(conv_id, row_id, 0, words[0]))
+    reads = Reads(settings=make_settings(tmp_path), store=store, hub=hub, live=Live())
+    await reads.subscribe("u", conv_id, 0, client)
+    kinds = [(e["type"], e.get("message", {}).get("status")) for e in client.events]
+    first_final = kinds.index(("message", "complete"))
+    assert first_final > 0 and kinds[0] == ("delta", None)
+    assert ("delta", None) not in kinds[first_final:], kinds
+    assert ("message", "streaming") not in kinds[first_final:], kinds
+    assert kinds[-1] == ("ack", None)
+    finals = [e["message"] for e in client.events if e["type"] == "message"]
+    assert {m["content"] for m in finals if m["role"] == "assistant"} == {"the whole reply"}

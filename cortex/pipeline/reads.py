@@ -7,8 +7,11 @@ like one that does not exist.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
+
+import orjson
 
 from ..config import Settings
 from ..errors import NotFound
@@ -18,6 +21,7 @@ from ..protocol import (
     AttachmentView,
     ConversationsPage,
     ConversationView,
+    DeltaFrame,
     HistoryPage,
     MessageView,
     Search,
@@ -96,6 +100,9 @@ class Reads:
         was_subscribed = self.hub.is_subscribed(conversation_id, client)
         self.hub.unsubscribe(conversation_id, client)
         streamed: list[str] = []  # rows the catch-up shows as streaming
+        # Replies the catch-up shows whole (id -> length): the buffer may hold their earlier
+        # states (the streaming row, deltas), which must not follow.
+        settled: dict[str, int] = {}
         try:
             await self.hub.watch(conversation_id)
             if after_seq is not None:
@@ -111,6 +118,8 @@ class Reads:
                         streaming = row.status == "streaming"
                         if streaming:
                             streamed.append(row.id)
+                        elif row.role == "assistant":
+                            settled[row.id] = len(row.content)
                         await client.room()  # long messages go out as the client reads them
                         client.deliver(
                             message_event(
@@ -143,11 +152,17 @@ class Reads:
         # From here on no await: the buffer hands over to the client in one step.
         self.hub.unsubscribe(conversation_id, buffer)
         self.hub.subscribe(conversation_id, client)
+        if settled:
+            # The newest may have deltas still to come live (joined ones flush before its
+            # final `message` is published): below its length they are dropped.
+            newest = next(reversed(settled))
+            if newest not in texts:
+                client.trim_below(newest, settled[newest])
         # The text so far may come from Redis ahead of its deltas' PUBLISH (another process
         # makes the reply): the client drops what it has, buffered now or arriving later.
         for id_, so_far in texts.items():
             client.trim_below(id_, len(so_far))
-        buffer.replay(client)
+        buffer.replay(client, settled)
         # The ack closes the catch-up: everything after it is live.
         client.deliver(Ack(conversation_id=conversation_id, request_id=request_id).encode())
 
@@ -330,7 +345,22 @@ class CatchUpBuffer:
     def deliver(self, frame: str) -> None:
         self.frames.append(frame)
 
-    def replay(self, client: Subscriber) -> None:
-        """Hand the buffered events on, in order."""
+    def replay(self, client: Subscriber, settled: Collection[str] = ()) -> None:
+        """Hand the buffered events on, in order, but for the earlier states of the replies
+        in `settled`, which the catch-up has shown whole: their deltas, and their row while
+        it streamed (a client would reopen the finished reply)."""
         for frame in self.frames:
+            if settled and _earlier_state(frame, settled):
+                continue
             client.deliver(frame)
+
+
+def _earlier_state(frame: str, settled: Collection[str]) -> bool:
+    if isinstance(frame, DeltaFrame):
+        return frame.message_id in settled
+    event = orjson.loads(frame)  # a frame from another process is plain text
+    kind = event.get("type")
+    if kind == "delta":
+        return event.get("message_id") in settled
+    message = event.get("message") if kind == "message" else None
+    return message is not None and message["id"] in settled and message["status"] == "streaming"
