@@ -30,7 +30,9 @@ from .statements import (
     add_row,
     checkpoint_rows,
     find_client_msg,
+    finish_row,
     insert_row,
+    mark_answered,
     new_conversation,
     next_unanswered,
     take_seq,
@@ -379,13 +381,8 @@ class Store:
 
     @timed
     async def finish_message(self, message_id: str, **fields: Any) -> Message | None:
-        """Store a reply's final state and read the row back, in one transaction."""
-
-        def finish(session: Session) -> Message | None:
-            update_row(session, message_id, fields)
-            return session.get(Message, message_id, populate_existing=True)
-
-        return await self._run(finish)
+        """Store a reply's final state and read the row back, in one statement."""
+        return await self._run(lambda session: finish_row(session, message_id, fields))
 
     @timed
     async def messages(
@@ -448,7 +445,7 @@ class Store:
 
         def start(session: Session) -> StartedReply | None:
             if answered_seq is not None:
-                _mark_answered(session, conversation_id, answered_seq)
+                mark_answered(session, conversation_id, answered_seq)
             waiting = next_unanswered(session, conversation_id)
             if waiting is None:
                 return None
@@ -483,7 +480,7 @@ class Store:
     @timed
     async def mark_answered(self, conversation_id: str, seq: int) -> None:
         """The reply to user message `seq` is settled: it leaves the queue (never moves back)."""
-        await self._run(lambda session: _mark_answered(session, conversation_id, seq))
+        await self._run(lambda session: mark_answered(session, conversation_id, seq))
 
     @timed
     async def messages_changed_since(self, conversation_id: str, since: datetime) -> list[Message]:
@@ -943,14 +940,6 @@ def _load(session: Session, ids: Sequence[str]) -> list[Message]:
 
 def _parents(rows: Sequence[Message]) -> set[str | None]:
     return {row.parent_id for row in rows}
-
-
-def _mark_answered(session: Session, conversation_id: str, seq: int) -> None:
-    session.execute(
-        update(Conversation)
-        .where(Conversation.id == conversation_id, Conversation.answered_seq < seq)
-        .values(answered_seq=seq)
-    )
 
 
 def _start_turn(

@@ -62,25 +62,39 @@ _FIND_CLIENT_MSG = (
     .limit(1)
 )
 _FIND_CLIENT_MSG_IN = _FIND_CLIENT_MSG.where(_conversations.c.id == bindparam("target"))
+# The work a conversation has waiting, with the conversation, in one row of both tables' columns.
+_WAITING = select(_conversations, _messages).join(
+    _conversations, _conversations.c.id == _messages.c.conversation_id
+)
 _NEXT_UNANSWERED = (
-    select(Conversation, Message)
-    .join(Conversation, Conversation.id == Message.conversation_id)
-    .where(
-        Message.conversation_id == bindparam("target"),
-        Message.role == "user",
-        Message.seq > Conversation.answered_seq,
+    _WAITING.where(
+        _messages.c.conversation_id == bindparam("target"),
+        _messages.c.role == "user",
+        _messages.c.seq > _conversations.c.answered_seq,
     )
-    .order_by(Message.seq)
+    .order_by(_messages.c.seq)
     .limit(1)
 )
 # A regeneration waits as an assistant row, `queued`, under the user message it answers.
 _NEXT_QUEUED = (
-    select(Conversation, Message)
-    .join(Conversation, Conversation.id == Message.conversation_id)
-    .where(Message.conversation_id == bindparam("target"), Message.status == "queued")
-    .order_by(Message.seq)
+    _WAITING.where(
+        _messages.c.conversation_id == bindparam("target"), _messages.c.status == "queued"
+    )
+    .order_by(_messages.c.seq)
     .limit(1)
 )
+_CONVERSATION_KEYS = tuple(column.key for column in _conversations.columns)
+_MESSAGE_KEYS = tuple(column.key for column in _messages.columns)
+_WAITING_SEQ = len(_CONVERSATION_KEYS) + _MESSAGE_KEYS.index("seq")  # where a row's seq is
+_MARK_ANSWERED = (
+    update(_conversations)
+    .where(
+        _conversations.c.id == bindparam("target"),
+        _conversations.c.answered_seq < bindparam("upto"),
+    )
+    .values(answered_seq=bindparam("upto"))
+)
+_FINISH_MESSAGE = _UPDATE_MESSAGE.returning(*_messages.columns)
 
 
 def core(session: Session) -> Connection:
@@ -175,10 +189,29 @@ def checkpoint_rows(session: Session, texts: list[tuple[str, str]]) -> None:
 
 def next_unanswered(session: Session, conversation_id: str) -> tuple[Conversation, Message] | None:
     """The oldest work waiting in the conversation: a user message above `answered_seq`, or a
-    `queued` regeneration, whichever was stored first."""
-    params = {"target": conversation_id}
-    user = session.execute(_NEXT_UNANSWERED, params).first()
-    queued = session.execute(_NEXT_QUEUED, params).first()
-    if user is None or (queued is not None and queued[1].seq < user[1].seq):
-        user = queued
-    return (user[0], user[1]) if user is not None else None
+    `queued` regeneration, whichever was stored first. Both rows detached (Core, no ORM load)."""
+    connection, params = core(session), {"target": conversation_id}
+    found = connection.execute(_NEXT_UNANSWERED, params).first()
+    queued = connection.execute(_NEXT_QUEUED, params).first()
+    if found is None or (queued is not None and queued[_WAITING_SEQ] < found[_WAITING_SEQ]):
+        found = queued
+    if found is None:
+        return None
+    split = len(_CONVERSATION_KEYS)
+    conv = Conversation(**dict(zip(_CONVERSATION_KEYS, found[:split], strict=True)))
+    return conv, Message(**dict(zip(_MESSAGE_KEYS, found[split:], strict=True)))
+
+
+def mark_answered(session: Session, conversation_id: str, seq: int) -> None:
+    """The reply to user message `seq` is settled: it leaves the queue (never moves back)."""
+    core(session).execute(_MARK_ANSWERED, {"target": conversation_id, "upto": seq})
+
+
+def finish_row(session: Session, message_id: str, fields: dict[str, Any]) -> Message | None:
+    """Store a reply's final fields and read the row back, in one statement."""
+    row = (
+        core(session)
+        .execute(_FINISH_MESSAGE, {"message_id": message_id, "updated_at": utcnow(), **fields})
+        .first()
+    )
+    return None if row is None else Message(**row._mapping)

@@ -85,6 +85,33 @@ _SET_LEAF = (
     .values(active_leaf_id=bindparam("leaf"))
 )
 
+# The active path grows to a new row if it ended at the row's parent (at nothing, for a root).
+_GROW = (
+    update(_conversations)
+    .where(_conversations.c.id == bindparam("target"))
+    .values(active_leaf_id=bindparam("child"))
+)
+_EXTEND_ROOT = _GROW.where(_conversations.c.active_leaf_id.is_(None))
+_EXTEND = _GROW.where(_conversations.c.active_leaf_id == bindparam("parent"))
+
+_WAITING_USER = (
+    select(_messages.c.id)
+    .where(
+        _messages.c.conversation_id == bindparam("target"),
+        _messages.c.role == "user",
+        _messages.c.seq > bindparam("answered"),
+    )
+    .limit(1)
+)
+_OPEN_ROW = (
+    select(_messages.c.id)
+    .where(
+        _messages.c.conversation_id == bindparam("target"),
+        _messages.c.status.in_(OPEN_STATUSES),
+    )
+    .limit(1)
+)
+
 
 class Step(NamedTuple):
     """A message on a path: its id, the child it last had active, its seq."""
@@ -135,14 +162,9 @@ def extend(session: Session, conversation_id: str, parent_id: str | None, child_
     if the path ended at the parent (a reply whose branch was switched away stays off it)."""
     if parent_id is not None:
         core(session).execute(_SET_CHILD, {"parent": parent_id, "child": child_id})
-    leaf = _conversations.c.active_leaf_id
+    statement = _EXTEND_ROOT if parent_id is None else _EXTEND
     moved = core(session).execute(
-        update(_conversations)
-        .where(
-            _conversations.c.id == conversation_id,
-            leaf.is_(None) if parent_id is None else leaf == parent_id,
-        )
-        .values(active_leaf_id=child_id)
+        statement, {"target": conversation_id, "parent": parent_id, "child": child_id}
     )
     return bool(getattr(moved, "rowcount", 0))
 
@@ -187,27 +209,10 @@ def siblings(
 
 def busy(session: Session, conversation_id: str, answered_seq: int) -> bool:
     """Whether a reply runs or waits in the conversation (a send then queues)."""
-    waiting = (
-        select(_messages.c.id)
-        .where(
-            _messages.c.conversation_id == conversation_id,
-            _messages.c.role == "user",
-            _messages.c.seq > answered_seq,
-        )
-        .limit(1)
-    )
-    open_row = (
-        select(_messages.c.id)
-        .where(
-            _messages.c.conversation_id == conversation_id,
-            _messages.c.status.in_(OPEN_STATUSES),
-        )
-        .limit(1)
-    )
-    connection = core(session)
+    connection, params = core(session), {"target": conversation_id, "answered": answered_seq}
     return (
-        connection.execute(waiting).first() is not None
-        or connection.execute(open_row).first() is not None
+        connection.execute(_WAITING_USER, params).first() is not None
+        or connection.execute(_OPEN_ROW, params).first() is not None
     )
 
 
