@@ -99,8 +99,14 @@ _FINISH_MESSAGE = _UPDATE_MESSAGE.returning(*_messages.columns)
 
 def core(session: Session) -> Connection:
     """The session's connection: Core statements run on it skip the ORM's execution layer
-    (half a millisecond of a new conversation's first message; see bench/NOTEBOOK.md)."""
-    return session.connection()
+    (half a millisecond of a new conversation's first message; see bench/NOTEBOOK.md).
+    Kept in the session's `info` (a session lives for one transaction): asking the session
+    for it again costs 50 µs a statement."""
+    info = session.info
+    connection: Connection | None = info.get("core")
+    if connection is None:
+        connection = info["core"] = session.connection()
+    return connection
 
 
 def new_conversation(session: Session, **fields: Any) -> Conversation:
