@@ -386,10 +386,14 @@ async def test_conversation_list_changes_reach_every_tab_of_the_user(
     connect_client: Any, provider: FakeOpenAI
 ) -> None:
     """A tab subscribed to nothing still hears of new, forked, renamed and deleted
-    conversations (its sidebar), from another tab of the same user."""
+    conversations (its sidebar, which it listed), from another tab of the same user. A
+    connection that never listed them (a script) hears of none."""
     alice: Client = await connect_client()
     tab: Client = await connect_client()
-    assert (await tab.request(type="ping"))["type"] == "pong"  # connected and listening
+    script: Client = await connect_client()
+    listing = await tab.request(type="conversations")  # the sidebar: listening from now on
+    assert listing["type"] == "conversations"
+    assert (await script.request(type="ping"))["type"] == "pong"  # connected, never lists
     conversation_id = (await say(alice, "one"))["conversation_id"]
     listed = (await tab.until_type("conversation"))[-1]
     assert listed["conversation"]["id"] == conversation_id
@@ -411,6 +415,8 @@ async def test_conversation_list_changes_reach_every_tab_of_the_user(
     }
     # Never a message of a conversation it did not subscribe to.
     assert not [e for e in tab.seen if e["type"] in ("message", "delta", "typing")]
+    assert (await script.request(type="ping"))["type"] == "pong"  # after every event above
+    assert [e["type"] for e in script.seen] == ["pong", "pong"]
 
 
 async def test_export_has_every_branch(

@@ -25,8 +25,8 @@ class Subscriber(Protocol):
 # A conversation with many subscribers here gets its deltas at most every
 # FLUSH_US_PER_SUBSCRIBER x subscribers (capped at FLUSH_MAX_S): each frame costs every one of them
 # a socket write, and a reply watched by 1,000 people reads as well at 10 frames a second.
-# Every connection of a user is subscribed to its user's topic, beside its conversations: the
-# user's conversation list changes (new, fork, rename, delete) reach every tab's sidebar.
+# A connection that has listed its user's conversations is subscribed to its user's topic too:
+# the list's changes (new, fork, rename, delete) reach every tab's sidebar.
 USER_TOPIC = "user:"
 
 

@@ -21,7 +21,7 @@ from websockets.protocol import State
 
 from ..config import Settings
 from ..errors import BadFrame, CortexError, Internal, ProtocolError, RateLimited
-from ..fanout.hub import Hub, user_topic
+from ..fanout.hub import Hub
 from ..ops.logs import CONNECTION, CONVERSATION, REQUEST, event
 from ..ops.metrics import INVALID, RATE_LIMITED, Metrics
 from ..pipeline.files import Files
@@ -206,9 +206,6 @@ class Connection:
         CONNECTION.set(self.id)  # every line logged while handling this client names it
         writer = asyncio.create_task(self.write_loop(), name=f"writer:{self.id}")
         try:
-            # The user's conversation list changes, from any process (other tabs' sidebars).
-            self.hub.subscribe(user_topic(self.owner), self)
-            await self.hub.watch(user_topic(self.owner))
             async for raw in self.ws:
                 if self.closing:
                     break

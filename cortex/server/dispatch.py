@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from ..fanout.hub import Hub
+from ..fanout.hub import Hub, user_topic
 from ..pipeline.manage import ConversationManager
 from ..pipeline.router import Router
 from ..protocol import (
@@ -118,6 +118,14 @@ def frame_handlers(router: Router, manager: ConversationManager, hub: Hub) -> Di
 
     @table.on(Conversations)
     async def conversations(frame: Conversations, client: Client) -> None:
+        # A client that lists the conversations hears of later changes to the list (new,
+        # forked, renamed, deleted) from the owner's other connections. One that never asks
+        # (a script) is spared them: with many connections of one user, each new
+        # conversation would cost a frame on every one of them.
+        topic = user_topic(client.owner)
+        if not hub.is_subscribed(topic, client):
+            hub.subscribe(topic, client)
+            await hub.watch(topic)
         page = await router.reads.conversations_frame(
             client.owner, before=frame.before, limit=frame.limit, request_id=frame.request_id
         )
