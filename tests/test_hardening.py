@@ -401,7 +401,7 @@ async def test_a_catch_up_that_shows_a_reply_whole_drops_its_deltas_still_on_the
     from conftest import make_settings
 
     from cortex.fanout.hub import Hub
-    from cortex.pipeline.live import Live
+    from cortex.pipeline.live import ActiveReply, Live
     from cortex.pipeline.reads import Reads
     from cortex.pipeline.views import message_event
     from cortex.protocol import delta_frame
@@ -426,7 +426,10 @@ async def test_a_catch_up_that_shows_a_reply_whole_drops_its_deltas_still_on_the
     client = CatchUpClient()
     hub.subscribe(conv_id, client)  # as a `send` does
     hub.publish(conv_id, delta_frame(conv_id, row_id, 0, words[0]))
-    reads = Reads(settings=make_settings(tmp_path), store=store, hub=hub, live=Live())
+    live = Live()
+    # Stored whole, but still live here for a moment (its worker has not let go of it yet).
+    live.active[conv_id] = ActiveReply(row_id, streaming.seq, list(words), len("".join(words)))
+    reads = Reads(settings=make_settings(tmp_path), store=store, hub=hub, live=live)
     await reads.subscribe("u", conv_id, 0, client)
     kinds = [(e["type"], e.get("message", {}).get("status")) for e in client.events]
     first_final = kinds.index(("message", "complete"))

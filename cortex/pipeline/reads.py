@@ -133,7 +133,9 @@ class Reads:
                 client.deliver(Typing(conversation_id=conversation_id, active=True).encode())
             self.hub.flush(conversation_id)  # joined deltas not yet out land in the buffer
             message_id, text = await self._text_so_far(conversation_id)
-            texts = {message_id: text} if text else {}
+            # (A reply the catch-up showed whole may still be live here for a moment, its
+            # final write done: its text is not handed again.)
+            texts = {message_id: text} if text and message_id not in settled else {}
             ended = [id_ for id_ in streamed if id_ != message_id]
             if ended:
                 # Shown as streaming, but the reply ended since it was read: its text so far is
@@ -156,8 +158,7 @@ class Reads:
             # The newest may have deltas still to come live (joined ones flush before its
             # final `message` is published): below its length they are dropped.
             newest = next(reversed(settled))
-            if newest not in texts:
-                client.trim_below(newest, settled[newest])
+            client.trim_below(newest, settled[newest])
         # The text so far may come from Redis ahead of its deltas' PUBLISH (another process
         # makes the reply): the client drops what it has, buffered now or arriving later.
         for id_, so_far in texts.items():

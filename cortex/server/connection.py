@@ -177,8 +177,7 @@ class Connection:
         asyncio.get_running_loop().create_task(self.ws.close(code, reason))
 
     async def write_loop(self) -> None:
-        queue, ws = self._queue, self.ws
-        count = self.metrics.frame_out  # a dict increment per frame, no lock
+        queue, ws, count = self._queue, self.ws, self._count
         try:
             while not self.closing:
                 if not queue:
