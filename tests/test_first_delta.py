@@ -22,22 +22,36 @@ from cortex.testing.fake_openai import FakeOpenAI, Reply
 COMMIT_S = 0.3  # the transaction's work after the context is read: the request starts meanwhile
 
 
-def slow_commit(monkeypatch: pytest.MonkeyPatch, *, fail: bool) -> list[float]:
-    """Make `start_reply` take COMMIT_S after reading the context (and fail, if `fail`);
-    returns when each such transaction ended."""
-    ended: list[float] = []
-    original = repo.open_turn  # type: ignore[attr-defined]
+def slowed(fn: Any, ended: list[float], *, fail: bool) -> Any:
+    """`fn`, then COMMIT_S more of its transaction (and a failure, if `fail`); `ended` gets
+    when each call ended."""
 
     def slow(*args: Any, **kwargs: Any) -> Any:
-        made = original(*args, **kwargs)
+        made = fn(*args, **kwargs)
         time.sleep(COMMIT_S)  # in the DB thread: the event loop runs on
         ended.append(time.monotonic())
         if fail:
             raise StoreError("the commit failed (test)")
         return made
 
-    monkeypatch.setattr(repo, "open_turn", slow)
+    return slow
+
+
+def slow_commit(monkeypatch: pytest.MonkeyPatch, *, fail: bool) -> list[float]:
+    """Make `start_reply` take COMMIT_S after reading the context (and fail, if `fail`);
+    returns when each such transaction ended."""
+    ended: list[float] = []
+    monkeypatch.setattr(repo, "open_turn", slowed(repo.open_turn, ended, fail=fail))  # type: ignore[attr-defined]
     return ended
+
+
+async def request_closed(provider: FakeOpenAI) -> None:
+    """The one request made reaches the provider, and is closed long before its first chunk
+    (30 s away) was due."""
+    await eventually(lambda: len(provider.requests) == 1)
+    started = time.monotonic()
+    await eventually(lambda: provider.active_requests == 0)
+    assert time.monotonic() - started < 10
 
 
 def text_of(body: dict[str, Any]) -> str:
@@ -71,11 +85,7 @@ async def test_a_failed_commit_cancels_the_request_it_started(
     provider.enqueue(Reply(text="never shown", first_chunk_delay=30))
     await client.send(type="send", content="hi")
     conversation_id = (await client.until_type("ack"))[-1]["conversation_id"]
-    await eventually(lambda: len(provider.requests) == 1)
-    started = time.monotonic()
-    # The provider sees the client go away long before its first chunk was due.
-    await eventually(lambda: provider.active_requests == 0)
-    assert time.monotonic() - started < 10
+    await request_closed(provider)
     assert not [e for e in client.seen if e["type"] == "delta"]
     rows, _ = await server.store.messages(conversation_id)
     assert [row.role for row in rows] == ["user"]  # acknowledged and kept; no reply row
@@ -155,15 +165,7 @@ def slow_message_commit(monkeypatch: pytest.MonkeyPatch, *, fail: bool) -> list[
         if "add_user_message" not in getattr(fn, "__qualname__", ""):
             return original(self, fn)
 
-        def then_wait(session: Any) -> Any:
-            made = fn(session)
-            time.sleep(COMMIT_S)  # in the DB thread: the event loop runs on
-            ended.append(time.monotonic())
-            if fail:
-                raise StoreError("the commit failed (test)")
-            return made
-
-        return original(self, then_wait)
+        return original(self, slowed(fn, ended, fail=fail))
 
     monkeypatch.setattr(Transactions, "_in_tx", slow)
     return ended
@@ -205,10 +207,7 @@ async def test_a_failed_message_commit_closes_the_request_it_started(
     await client.send(type="send", content="hi", request_id="r1")
     error = (await client.until_type("error"))[-1]
     assert error["code"] == "internal" and error["request_id"] == "r1"
-    await eventually(lambda: len(provider.requests) == 1)
-    started = time.monotonic()
-    await eventually(lambda: provider.active_requests == 0)  # closed, not left to run
-    assert time.monotonic() - started < 10
+    await request_closed(provider)
     assert not [e for e in client.seen if e["type"] in ("ack", "delta")]
 
 

@@ -16,7 +16,7 @@ import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import orjson
@@ -85,7 +85,10 @@ def build_request(
     """The request LiteLLM would send for a streamed call, or None when the model's provider
     does not stream OpenAI's format (then LiteLLM does the whole call)."""
     try:
-        return _build(litellm, model, messages, api_base, api_key, temperature, max_tokens, tools)
+        listed = orjson.dumps(list(tools)) if tools else None
+        options = _Options(model, api_base, api_key, temperature, max_tokens, listed)
+        route = _route(litellm, options)
+        return None if route is None else _request(route, model, messages)
     except Exception:  # an unknown provider, a parameter it refuses: LiteLLM's call reports it
         return None
 
@@ -110,35 +113,30 @@ _ROUTES: dict[tuple[Any, ...], _Route | None] = {}
 _ROUTES_MAX = 256
 
 
-def _route(
-    litellm: ModuleType,
-    model: str,
-    api_base: str | None,
-    api_key: str | None,
-    temperature: float | None,
-    max_tokens: int | None,
-    tools: Sequence[dict[str, Any]] | None,
-) -> _Route | None:
-    listed = orjson.dumps(list(tools), option=orjson.OPT_SORT_KEYS) if tools else None
-    key = (id(litellm), model, api_base, api_key, temperature, max_tokens, listed)
+class _Options(NamedTuple):
+    """What a model's route depends on (its tools as JSON, so that it can be a cache key)."""
+
+    model: str
+    api_base: str | None
+    api_key: str | None
+    temperature: float | None
+    max_tokens: int | None
+    tools: bytes | None
+
+
+def _route(litellm: ModuleType, options: _Options) -> _Route | None:
+    key = (id(litellm), options)
     if key in _ROUTES:
         return _ROUTES[key]
-    route = _resolve(litellm, model, api_base, api_key, temperature, max_tokens, tools)
+    route = _resolve(litellm, options)
     if len(_ROUTES) >= _ROUTES_MAX:
         del _ROUTES[next(iter(_ROUTES))]
     _ROUTES[key] = route
     return route
 
 
-def _resolve(
-    litellm: ModuleType,
-    model: str,
-    api_base: str | None,
-    api_key: str | None,
-    temperature: float | None,
-    max_tokens: int | None,
-    tools: Sequence[dict[str, Any]] | None,
-) -> _Route | None:
+def _resolve(litellm: ModuleType, options: _Options) -> _Route | None:
+    model, api_base, api_key = options.model, options.api_base, options.api_key
     name, provider, dynamic_key, dynamic_base = litellm.get_llm_provider(
         model=model, api_base=api_base, api_key=api_key
     )
@@ -160,9 +158,9 @@ def _resolve(
     optional = utils.get_optional_params(
         model=name,
         custom_llm_provider=provider,
-        temperature=temperature,
-        max_tokens=max_tokens,
-        tools=list(tools) if tools else None,
+        temperature=options.temperature,
+        max_tokens=options.max_tokens,
+        tools=orjson.loads(options.tools) if options.tools else None,
         stream=True,
         stream_options={"include_usage": True},
         drop_params=True,
@@ -179,19 +177,8 @@ def _resolve(
     return _Route(name, provider, config, base, key, optional, extra_body, url)
 
 
-def _build(
-    litellm: ModuleType,
-    model: str,
-    messages: list[dict[str, Any]],
-    api_base: str | None,
-    api_key: str | None,
-    temperature: float | None,
-    max_tokens: int | None,
-    tools: Sequence[dict[str, Any]] | None,
-) -> DirectRequest | None:
-    route = _route(litellm, model, api_base, api_key, temperature, max_tokens, tools)
-    if route is None:
-        return None
+def _request(route: _Route, model: str, messages: list[dict[str, Any]]) -> DirectRequest:
+    """The request of one turn: its headers and body, by the provider's config."""
     name, base, key = route.name, route.base, route.key
     optional = dict(route.optional)
     litellm_params = {"custom_llm_provider": route.provider, "api_base": base, "api_key": key}

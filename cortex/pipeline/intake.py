@@ -22,8 +22,7 @@ from .workers import Workers
 
 if TYPE_CHECKING:
     from ..store.models import Attachment
-    from ..store.repo import Store, StoredMessage
-    from .early import EarlyTurn
+    from ..store.repo import Store
 
 
 class Intake:
@@ -117,89 +116,71 @@ class Intake:
         else:
             lock = contextlib.nullcontext()
         # Its reply's model request may start while the message commits (`early`): the worker
-        # takes it, or it is cancelled.
+        # takes it with the kick, else it is cancelled.
         early = self.workers.early_for_send()
         try:
-            stored = await self._add(owner, frame, client, model, tools, attached, lock, early)
-        except BaseException:
-            if early is not None:
-                early.cancel()
-            raise
-        if stored is None:
-            if early is not None:
-                early.cancel()
-            return
-        conv, message = stored.conversation, stored.message
-        if frame.conversation_id is None:
-            await self.hub.watch(conv.id)
-            # Other tabs' sidebars (the sender has its ack).
-            self.hub.publish_except(user_topic(owner), listed_event(conv), client)
-        self.telemetry.message_stored(
-            user=owner,
-            conversation_id=conv.id,
-            seq=message.seq,
-            content=frame.content,
-            created=frame.conversation_id is None,
-            request_id=frame.request_id,
-            connection_id=connection_id,
-        )
-        # Accepted before any shutdown began: its reply is seen through even if one has since.
-        self.workers.kick(conv.id, owed_seq=message.seq, early=early)
-
-    async def _add(
-        self,
-        owner: str,
-        frame: Send,
-        client: Subscriber,
-        model: str | None,
-        tools: tuple[str, ...] | None,
-        attached: list[Attachment],
-        lock: contextlib.AbstractAsyncContextManager[Any],
-        early: EarlyTurn | None,
-    ) -> StoredMessage | None:
-        """Store, ack and announce the message. None: an idempotent retry, acked again."""
-        connection_id = getattr(client, "id", None)
-        async with lock:
-            stored = await self.store.add_user_message(
-                owner=owner,
-                conversation_id=frame.conversation_id,
+            async with lock:
+                stored = await self.store.add_user_message(
+                    owner=owner,
+                    conversation_id=frame.conversation_id,
+                    content=frame.content,
+                    client_msg_id=frame.client_msg_id,
+                    model=model,
+                    system_prompt=frame.system_prompt,
+                    temperature=frame.temperature,
+                    parent_id=frame.parent_id,
+                    reply_options=reply_options(
+                        model,
+                        tools,
+                        frame.temperature,
+                        request_id=frame.request_id,
+                        connection_id=connection_id,
+                    ),
+                    attachment_ids=[row.id for row in attached],
+                    on_context=early.on_context if early is not None else None,
+                )
+                if stored is None:
+                    raise NotFound("no such conversation")
+                conv, message = stored.conversation, stored.message
+                if not stored.created and (
+                    message.role != "user" or message.content != frame.content
+                ):
+                    # An idempotency key names one message: reusing it for another is a mistake
+                    # the client must hear about, not a silent drop of the new text.
+                    raise BadFrame("client_msg_id already used for another message")
+                self.hub.subscribe(conv.id, client)
+                client.deliver(
+                    Ack(
+                        conversation_id=conv.id,
+                        message_id=message.id,
+                        seq=message.seq,
+                        request_id=frame.request_id,
+                    ).encode()
+                )
+                if not stored.created:
+                    return  # an idempotent retry: acknowledged again, nothing else
+                views = [attachment_view(row) for row in attached]
+                self.hub.publish(conv.id, message_event(message, attachments=views))
+            if frame.conversation_id is None:
+                await self.hub.watch(conv.id)
+                # Other tabs' sidebars (the sender has its ack).
+                self.hub.publish_except(user_topic(owner), listed_event(conv), client)
+            self.telemetry.message_stored(
+                user=owner,
+                conversation_id=conv.id,
+                seq=message.seq,
                 content=frame.content,
-                client_msg_id=frame.client_msg_id,
-                model=model,
-                system_prompt=frame.system_prompt,
-                temperature=frame.temperature,
-                parent_id=frame.parent_id,
-                reply_options=reply_options(
-                    model,
-                    tools,
-                    frame.temperature,
-                    request_id=frame.request_id,
-                    connection_id=connection_id,
-                ),
-                attachment_ids=[row.id for row in attached],
-                on_context=early.on_context if early is not None else None,
+                created=frame.conversation_id is None,
+                request_id=frame.request_id,
+                connection_id=connection_id,
             )
-            if stored is None:
-                raise NotFound("no such conversation")
-            conv, message = stored.conversation, stored.message
-            if not stored.created and (message.role != "user" or message.content != frame.content):
-                # An idempotency key names one message: reusing it for another is a mistake
-                # the client must hear about, not a silent drop of the new text.
-                raise BadFrame("client_msg_id already used for another message")
-            self.hub.subscribe(conv.id, client)
-            client.deliver(
-                Ack(
-                    conversation_id=conv.id,
-                    message_id=message.id,
-                    seq=message.seq,
-                    request_id=frame.request_id,
-                ).encode()
-            )
-            if not stored.created:
-                return None  # an idempotent retry: acknowledged again, nothing else
-            views = [attachment_view(row) for row in attached]
-            self.hub.publish(conv.id, message_event(message, attachments=views))
-        return stored
+            # Accepted before any shutdown began: its reply is seen through even if one has
+            # since.
+            self.workers.kick(conv.id, owed_seq=message.seq, early=early)
+            early = None  # the worker has it
+        finally:
+            if early is not None:
+                early.cancel()
 
 
 def reply_options(
