@@ -54,6 +54,18 @@ async def request_closed(provider: FakeOpenAI) -> None:
     assert time.monotonic() - started < 10
 
 
+def answer_timed(provider: FakeOpenAI, text: str) -> list[float]:
+    """The provider answers `text`; the list gets when each request reached it."""
+    seen: list[float] = []
+
+    def answer(body: dict[str, Any]) -> Reply:
+        seen.append(time.monotonic())
+        return Reply(text=text)
+
+    provider.responder = answer
+    return seen
+
+
 def text_of(body: dict[str, Any]) -> str:
     return " ".join(str(m.get("content")) for m in body["messages"])
 
@@ -62,13 +74,7 @@ async def test_the_model_request_starts_before_the_row_commits_and_is_taken(
     client: Client, provider: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ended = slow_commit(monkeypatch, fail=False)
-    seen: list[float] = []
-
-    def answer(body: dict[str, Any]) -> Reply:
-        seen.append(time.monotonic())
-        return Reply(text="one two three")
-
-    provider.responder = answer
+    seen = answer_timed(provider, "one two three")
     await client.send(type="send", content="hi")
     final = final_message(await client.until_reply())
     assert final["status"] == "complete" and final["content"] == "one two three"
@@ -136,13 +142,7 @@ async def test_a_regeneration_s_request_also_starts_before_its_row_commits(
         return done
 
     monkeypatch.setattr(repo, "update_row", slow)
-    seen: list[float] = []
-
-    def answer(body: dict[str, Any]) -> Reply:
-        seen.append(time.monotonic())
-        return Reply(text="second answer")
-
-    provider.responder = answer
+    seen = answer_timed(provider, "second answer")
     provider.default = Reply(text="unused")
     ack = await client.request(
         type="regenerate", conversation_id=conversation_id, message_id=first["id"]
@@ -182,13 +182,7 @@ async def test_a_message_nothing_waits_before_starts_its_request_before_it_commi
         frame["conversation_id"] = (await client.until_type("ack"))[-1]["conversation_id"]
         await client.until_reply()
     ended = slow_message_commit(monkeypatch, fail=False)
-    seen: list[float] = []
-
-    def answer(body: dict[str, Any]) -> Reply:
-        seen.append(time.monotonic())
-        return Reply(text="early answer")
-
-    provider.responder = answer
+    seen = answer_timed(provider, "early answer")
     await client.send(type="send", content="second", **frame)
     final = final_message(await client.until_reply())
     assert final["status"] == "complete" and final["content"] == "early answer"
