@@ -220,3 +220,29 @@ async def test_a_message_sent_during_a_reply_gets_one_request_after_it(
         lambda e: e["type"] == "message" and e["message"]["content"] == "second answer"
     )
     assert [text_of(body).split()[-1] for body in provider.requests] == ["first", "second"]
+
+
+async def test_a_reply_builds_its_first_turns_messages_once(
+    client: Client, provider: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The turn takes the messages of the request begun early (built from the same context for
+    the same model): the history is put in OpenAI's format, and trimmed, once a reply."""
+    from cortex.pipeline import reply
+
+    built: list[int] = []
+    original = reply.openai_messages
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        built.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reply, "openai_messages", counted)
+    provider.enqueue(Reply(text="first answer"), Reply(text="second answer"))
+    await client.send(type="send", content="first")
+    conversation_id = (await client.until_type("ack"))[-1]["conversation_id"]
+    await client.until_reply()
+    assert len(built) == 1
+    await client.send(type="send", content="second", conversation_id=conversation_id)
+    final = final_message(await client.until_reply())
+    assert final["content"] == "second answer" and len(built) == 2
+    assert len(provider.requests) == 2

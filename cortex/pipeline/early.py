@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
@@ -39,6 +39,8 @@ class TurnRequest:
     system_prompt: str
     temperature: float | None
     tools: list[dict[str, Any]] | None
+    # What `messages` were built from: a turn with an equal context reuses them.
+    context: list[ContextMessage] = field(default_factory=list, compare=False)
 
 
 class Opened(NamedTuple):
@@ -116,6 +118,16 @@ class EarlyTurn:
             self.request, self._gate, self._task = made
             # Read if it ends before it is adopted (a provider error): the adopter sees it anyway.
             self._task.add_done_callback(_retrieve)
+
+    def messages_for(
+        self, context: list[ContextMessage], model: str
+    ) -> list[dict[str, Any]] | None:
+        """The messages of the request begun early, if built for `model` from the same context:
+        the turn need not build (and trim) them again. None: the turn builds its own."""
+        request = self.request
+        if request is None or request.model != model or request.context != context:
+            return None
+        return request.messages
 
     def take(
         self, request: TurnRequest

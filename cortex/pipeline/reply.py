@@ -142,6 +142,7 @@ class Replies:
             system_prompt=opening.system_prompt or self.settings.system_prompt,
             temperature=temperature if temperature is not None else opening.temperature,
             tools=specs or None,
+            context=opening.context,
         )
         gate: asyncio.Future[Opened] = asyncio.get_running_loop().create_future()
         return (
@@ -213,7 +214,9 @@ class Replies:
         try:
             if pending.stopped:
                 raise asyncio.CancelledError  # stopped before it started: nothing to stream
-            messages = self._trim(await self._model_messages(context), plan.model)
+            messages = early.messages_for(context, plan.model) if early is not None else None
+            if messages is None:
+                messages = self._trim(await self._model_messages(context), plan.model)
             request = TurnRequest(
                 messages, plan.model, plan.system_prompt, plan.temperature, plan.specs or None
             )
